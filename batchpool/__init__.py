@@ -1,0 +1,36 @@
+"""batchpool: a concurrent.futures.Executor that runs Python calls as batch jobs."""
+
+__version__ = "0.1.0"
+
+from batchpool.backends import Backend, JobSpec, JobState, LocalBackend, register_backend
+from batchpool.errors import (
+    BackendError,
+    BatchPoolError,
+    EnvironmentMismatchError,
+    IntegrityError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerLostError,
+)
+from batchpool.executor import BatchPoolExecutor
+from batchpool.future import BatchPoolFuture
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BatchPoolError",
+    "BatchPoolExecutor",
+    "BatchPoolFuture",
+    "EnvironmentMismatchError",
+    "IntegrityError",
+    "JobSpec",
+    "JobState",
+    "LocalBackend",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerLostError",
+    "__version__",
+    "register_backend",
+]

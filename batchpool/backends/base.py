@@ -1,0 +1,154 @@
+"""The contract between the executor and an engine that runs jobs, and the registry of engines.
+
+A job runs ``python -m batchpool.worker <args>`` with ``env`` in its environment:
+that is all a worker needs to find its chunk in storage and write its outcome.
+A backend starts jobs, tells their states, cancels them and cleans up after
+itself. It never closes anything it was given by the user.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+ENTRY_POINT_GROUP = "batchpool.backends"
+
+
+class JobState(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.LOST})
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks of the engine. Engines use what they support."""
+
+    cpus: float = 1
+    memory: str | None = None
+    gpus: int = 0
+    walltime: str | None = None
+    image: str | None = None
+    python: str | None = None
+    setup: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: the worker's arguments, its environment, its resources and a readable name."""
+
+    name: str
+    args: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+    def command(self) -> list[str]:
+        """The argv that runs this job's worker on a machine with batchpool installed."""
+        python = self.resources.python or sys.executable
+        return [python, "-m", "batchpool.worker", *self.args]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A change of a job's state that a backend pushes to the executor as it happens."""
+
+    job_id: str
+    state: JobState
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    log_tail: str = ""
+
+
+Notify = Callable[[JobEvent], None]
+
+
+class Backend(abc.ABC):
+    """An engine that runs jobs. Implement the four abstract methods; see DESIGN.md."""
+
+    #: The name this backend is registered under.
+    name: ClassVar[str] = ""
+    #: True when ``submit``'s ``notify`` is called for every job's end, so the
+    #: executor need not poll ``status`` to learn of it quickly.
+    notifies: ClassVar[bool] = False
+
+    def max_parallel(self) -> int:
+        """How many jobs this engine runs at once for one executor, as a sizing hint."""
+        return 64
+
+    @abc.abstractmethod
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        """Start ``jobs`` (in one batch where the engine allows) and return their ids, in order."""
+
+    @abc.abstractmethod
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """The state of each job, in one query to the engine."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Stop these jobs if they are queued or running."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what this backend started (worker processes, connections)."""
+
+
+_BUILTIN: dict[str, str] = {"local": "batchpool.backends.local:LocalBackend"}
+_REGISTERED: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str, cls: type[Backend]) -> None:
+    """Make ``backend=name`` create ``cls``; third parties may use the entry point group instead."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"register_backend({name!r}, ...) needs a Backend subclass, not {cls!r}")
+    _REGISTERED[name] = cls
+
+
+def _load(target: str) -> type[Backend]:
+    module_name, _, attr = target.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"{target} is not a batchpool Backend subclass")
+    return cls
+
+
+def available_backends() -> list[str]:
+    """The names ``backend=`` accepts: built-in, registered and from entry points."""
+    names = set(_BUILTIN) | set(_REGISTERED)
+    names |= {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(names)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The Backend class registered as ``name``."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        return _load(_BUILTIN[name])
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return _load(ep.value)
+    raise ValueError(
+        f"backend={name!r} is not a known backend; known: {', '.join(available_backends())}. "
+        f"Third-party engines register under the entry point group {ENTRY_POINT_GROUP!r}"
+    )
+
+
+def make_backend(name: str, **options: Any) -> Backend:
+    return backend_class(name)(**options)

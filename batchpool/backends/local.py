@@ -1,0 +1,419 @@
+"""The embedded default: a pool of warm worker processes on this machine.
+
+Each worker is ``python -m batchpool.worker --serve`` and runs exactly the code a
+cluster job runs, reading chunks from and writing outcomes to the same store. The
+pool only decides which worker runs which job, and tells the executor at once
+when a job ends, including when its worker dies.
+
+Concurrency: ``submit``, ``status`` and ``cancel`` are called from the
+executor's watcher thread (or the user's); one manager thread reads every
+worker's event pipe with a selector. Both sides take ``_lock`` around the job
+table, the queue and the worker list. A worker is dead when its event pipe
+reaches end-of-file, which happens the moment its process ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
+from batchpool.errors import BackendError
+
+#: A worker that exits this many times in a row before it is ready breaks the pool.
+MAX_START_FAILURES = 3
+#: How many finished jobs the pool remembers the state of for ``status``.
+FINISHED_MEMORY = 100_000
+LOG_TAIL_LINES = 20
+LOG_TAIL_BYTES = 8192
+
+
+@dataclass(eq=False)
+class _Job:
+    id: str
+    spec: JobSpec
+    notify: Notify | None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    number: int
+    proc: subprocess.Popen[bytes]
+    job_pipe: int  # we write job messages here
+    event_pipe: int  # the worker writes ready/done messages here
+    log_path: str
+    buffer: bytes = b""
+    ready: bool = False
+    job: _Job | None = None
+
+
+def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
+    """``(exit_code, signal, words)`` for a process's return code."""
+    if returncode < 0:
+        signum = -returncode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        words = f"killed by {name} ({signum})"
+        if signum == signal.SIGKILL:
+            words += "; the out-of-memory killer sends this, so does `kill -9`"
+        return None, signum, words
+    return returncode, None, f"exited with code {returncode}"
+
+
+class LocalBackend(Backend):
+    """Run jobs in a pool of ``max_workers`` warm processes on this machine.
+
+    ``python`` is the interpreter of the workers (default: this one).
+    ``echo_output`` writes each job's captured output to this process's
+    ``sys.stdout`` when the job ends, as ``ProcessPoolExecutor`` users expect
+    to see their workers' prints; the output is in the run's ``logs/`` either way.
+    """
+
+    name = "local"
+    notifies = True
+
+    def __init__(
+        self, max_workers: int | None = None, *, python: str | None = None, echo_output: bool = True
+    ) -> None:
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        self._max_workers = max_workers or os.cpu_count() or 1
+        self._python = python or sys.executable
+        self._echo = echo_output
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[str, _Job] = {}  # queued and running
+        self._finished: collections.OrderedDict[str, JobState] = collections.OrderedDict()
+        self._workers: list[_Worker] = []
+        self._numbers = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._scratch = tempfile.mkdtemp(prefix="batchpool-local-")
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._broken = ""  # why workers cannot start, once they cannot
+        self._start_failures = 0
+
+    def max_parallel(self) -> int:
+        return self._max_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        refused: list[_Job] = []
+        ids: list[str] = []
+        with self._lock:
+            if self._closing:
+                raise BackendError("this LocalBackend is closed; create a new one to run jobs")
+            if self._thread is None:
+                self._start_locked()
+            for spec in jobs:
+                job = _Job(f"local-{next(self._ids)}", spec, notify)
+                ids.append(job.id)
+                if self._broken:
+                    refused.append(job)
+                    continue
+                self._jobs[job.id] = job
+                self._queue.append(job)
+            self._assign_locked()
+        for job in refused:
+            self._finish(job, JobState.LOST, reason=self._broken)
+        return ids
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        states: dict[str, JobState] = {}
+        with self._lock:
+            running = {w.job.id for w in self._workers if w.job is not None}
+            for job_id in job_ids:
+                if job_id in self._jobs:
+                    states[job_id] = JobState.RUNNING if job_id in running else JobState.PENDING
+                else:
+                    states[job_id] = self._finished.get(job_id, JobState.LOST)
+        return states
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        wanted = set(job_ids)
+        dequeued: list[_Job] = []
+        with self._lock:
+            for job in list(self._queue):
+                if job.id in wanted:
+                    self._queue.remove(job)
+                    del self._jobs[job.id]
+                    dequeued.append(job)
+            for worker in self._workers:
+                if worker.job is not None and worker.job.id in wanted:
+                    worker.job.cancelled = True
+                    _kill(worker.proc)  # reported as CANCELLED when its pipe closes
+        for job in dequeued:
+            self._finish(job, JobState.CANCELLED, reason="cancelled before it started")
+
+    def close(self) -> None:
+        """Stop the workers (killing any that still run a job) and the manager thread."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+            for job in queued:
+                del self._jobs[job.id]
+            for worker in self._workers:
+                _close_fd(worker.job_pipe)  # an idle worker exits at end-of-file
+                worker.job_pipe = -1
+                if worker.job is not None:
+                    worker.job.cancelled = True
+                    _kill(worker.proc)
+            thread = self._thread
+        for job in queued:
+            self._finish(job, JobState.CANCELLED, reason="the local backend was closed")
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+            thread.join()
+        else:
+            self._release()
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _start_locked(self) -> None:
+        for _ in range(self._max_workers):
+            self._spawn_locked()
+        self._thread = threading.Thread(target=self._manage, name="batchpool-local", daemon=True)
+        self._thread.start()
+
+    def _spawn_locked(self) -> None:
+        number = next(self._numbers)
+        job_r, job_w = os.pipe()
+        event_r, event_w = os.pipe()
+        log_path = os.path.join(self._scratch, f"worker-{number}.log")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The worker must import batchpool before it learns our sys.path.
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        try:
+            with open(log_path, "a+b") as log:
+                proc = subprocess.Popen(
+                    [self._python, "-m", "batchpool.worker", "--serve", str(job_r), str(event_w)],
+                    pass_fds=(job_r, event_w),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=os.getcwd(),
+                    start_new_session=True,  # a Ctrl-C in the terminal is the client's to handle
+                )
+        except OSError as exc:
+            for fd in (job_r, job_w, event_r, event_w):
+                os.close(fd)
+            raise BackendError(
+                f"cannot start a local worker with python={self._python!r}: {exc}"
+            ) from exc
+        os.close(job_r)
+        os.close(event_w)
+        worker = _Worker(number, proc, job_w, event_r, log_path)
+        self._workers.append(worker)
+        self._selector.register(event_r, selectors.EVENT_READ, worker)
+        hello = {"sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path]}
+        _send(worker, hello)
+
+    def _assign_locked(self) -> None:
+        for worker in self._workers:
+            if not self._queue:
+                return
+            if worker.ready and worker.job is None and worker.job_pipe >= 0:
+                job = self._queue.popleft()
+                message = {"job": job.id, "args": list(job.spec.args), "env": job.spec.env}
+                if _send(worker, message):
+                    worker.job = job
+                else:  # it died; its pipe's end-of-file will clean it up
+                    worker.ready = False
+                    self._queue.appendleft(job)
+
+    def _manage(self) -> None:
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    os.read(self._wake_r, 512)
+                else:
+                    self._on_readable(key.data)
+            with self._lock:
+                if self._closing and not self._workers:
+                    break
+        self._release()
+
+    def _on_readable(self, worker: _Worker) -> None:
+        data = os.read(worker.event_pipe, 65536)
+        if not data:
+            self._on_exit(worker)
+            return
+        worker.buffer += data
+        *lines, worker.buffer = worker.buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if "ready" in message:
+                with self._lock:
+                    worker.ready = True
+                    self._start_failures = 0
+                    self._assign_locked()
+            elif "done" in message:
+                self._on_done(worker, message.get("error", ""))
+
+    def _on_done(self, worker: _Worker, error: str) -> None:
+        job = worker.job
+        log = _read(worker.log_path) if (error or self._echo) else b""
+        with self._lock:
+            worker.job = None
+            if job is not None:
+                del self._jobs[job.id]
+        if job is None:
+            return
+        if self._echo and log:
+            _echo(log)
+        if error:
+            self._finish(job, JobState.FAILED, reason=f"the worker failed: {error}", log=log)
+        else:
+            self._finish(job, JobState.SUCCEEDED)
+        with self._lock:
+            self._assign_locked()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self._selector.unregister(worker.event_pipe)
+        _close_fd(worker.event_pipe)
+        returncode = worker.proc.wait()
+        log = _read(worker.log_path)
+        try:
+            os.unlink(worker.log_path)
+        except OSError:
+            pass
+        exit_code, signum, words = describe_exit(returncode)
+        broken: list[_Job] = []
+        with self._lock:
+            _close_fd(worker.job_pipe)
+            worker.job_pipe = -1
+            self._workers.remove(worker)
+            job = worker.job
+            if job is not None:
+                del self._jobs[job.id]
+            if not worker.ready and not self._closing:
+                self._start_failures += 1
+                if self._start_failures >= MAX_START_FAILURES:
+                    self._broken = (
+                        f"local worker processes ({self._python} -m batchpool.worker) exit "
+                        f"before they are ready: the last one {words}. Its output:\n"
+                        f"{_tail(log)}\nCheck that batchpool imports with that interpreter"
+                    )
+                    broken = list(self._queue)
+                    self._queue.clear()
+                    for queued in broken:
+                        del self._jobs[queued.id]
+            if not self._closing and not self._broken:
+                try:
+                    self._spawn_locked()
+                except BackendError as exc:
+                    self._broken = str(exc)
+                    broken = list(self._queue)
+                    self._queue.clear()
+                    for queued in broken:
+                        del self._jobs[queued.id]
+        if job is not None:
+            state = JobState.CANCELLED if job.cancelled else JobState.LOST
+            self._finish(
+                job, state, exit_code, signum, f"its worker process {words}", log
+            )
+        for queued in broken:
+            self._finish(queued, JobState.LOST, reason=self._broken)
+
+    def _finish(
+        self,
+        job: _Job,
+        state: JobState,
+        exit_code: int | None = None,
+        signum: int | None = None,
+        reason: str = "",
+        log: bytes = b"",
+    ) -> None:
+        with self._lock:
+            self._finished[job.id] = state
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+        if job.notify is not None:
+            job.notify(JobEvent(job.id, state, exit_code, signum, reason, _tail(log)))
+
+    def _release(self) -> None:
+        for worker in list(self._workers):
+            _kill(worker.proc)
+            worker.proc.wait()
+        self._selector.close()
+        _close_fd(self._wake_r)
+        _close_fd(self._wake_w)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(max_workers={self._max_workers})"
+
+
+def _send(worker: _Worker, message: dict[str, Any]) -> bool:
+    try:
+        os.write(worker.job_pipe, json.dumps(message).encode() + b"\n")
+    except OSError:
+        return False
+    return True
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.kill()
+    except OSError:
+        pass
+
+
+def _close_fd(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _tail(log: bytes) -> str:
+    text = log[-LOG_TAIL_BYTES:].decode("utf-8", errors="replace")
+    return "\n".join(text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:])
+
+
+def _echo(log: bytes) -> None:
+    try:
+        sys.stdout.write(log.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no usable stdout (closed at exit, or none): the log is in the store anyway

@@ -1,0 +1,61 @@
+"""Grouping calls into chunks: one chunk is one job, one input and one outcome in storage."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: ``map`` aims at this many chunks per worker, so a slow chunk does not hold up the end.
+CHUNKS_PER_WORKER = 4
+#: The largest chunk ``map`` makes by itself; bounds the memory and latency of one job.
+MAX_AUTO_CHUNKSIZE = 4096
+#: With no length to go by, chunks start at one call and double up to this size.
+MAX_GROWING_CHUNKSIZE = 256
+#: The most single submits coalesced into one chunk.
+MAX_COALESCE = 1024
+
+
+def common_length(iterables: Sequence[Iterable[Any]]) -> int | None:
+    """How many tuples ``zip(*iterables)`` yields, when every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def auto_chunksize(n_items: int, workers: int) -> int:
+    """The chunk size ``map`` picks for ``n_items`` calls over ``workers`` parallel jobs."""
+    per_chunk = math.ceil(n_items / (CHUNKS_PER_WORKER * max(1, workers)))
+    return max(1, min(MAX_AUTO_CHUNKSIZE, per_chunk))
+
+
+def chunk_sizes(chunksize: int | None) -> Iterator[int]:
+    """Successive chunk sizes: ``chunksize`` every time, or 1, 2, 4, ... up to a cap."""
+    if chunksize is not None:
+        return itertools.repeat(chunksize)
+    growing = (min(2**i, MAX_GROWING_CHUNKSIZE) for i in itertools.count())
+    return growing
+
+
+def iter_chunks(items: Iterable[T], chunksize: int | None) -> Iterator[list[T]]:
+    """Split ``items`` into consecutive lists, lazily, keeping order and losing nothing."""
+    iterator = iter(items)
+    for size in chunk_sizes(chunksize):
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def coalesce_target(n_pending: int, capacity: int) -> int:
+    """How many queued single submits to put in one chunk.
+
+    Spread what is queued over twice the jobs that can run at once: a lone
+    submit goes alone (lowest latency); a burst of thousands becomes a few
+    dozen chunks instead of thousands of jobs.
+    """
+    return max(1, min(MAX_COALESCE, math.ceil(n_pending / (2 * max(1, capacity)))))

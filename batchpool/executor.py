@@ -1,0 +1,490 @@
+"""BatchPoolExecutor: a ``concurrent.futures.Executor`` whose calls run as batch jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import itertools
+import json
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from batchpool import __version__
+from batchpool.backends.base import Backend, Resources, make_backend
+from batchpool.backends.local import LocalBackend
+from batchpool.chunking import auto_chunksize, common_length, iter_chunks
+from batchpool.future import BatchPoolFuture
+from batchpool.serialization import client_versions, get_serializer
+from batchpool.store import Store, open_storage
+from batchpool.watcher import CallGroup, Watcher, describe_callable
+from batchpool.worker import SECRET_ENV, STORE_ENV, THREAD_ENV
+
+# On Python 3.10 concurrent.futures.TimeoutError is not yet the builtin one: raise
+# something that both ``except`` clauses catch.
+if cf.TimeoutError is TimeoutError:
+    _MapTimeout: type[Exception] = TimeoutError
+else:  # pragma: no cover - Python 3.10
+    _MapTimeout = type("TimeoutError", (cf.TimeoutError, TimeoutError), {})
+
+# -- interpreter exit: as the stdlib does, let submitted work finish ------------------------
+
+_live_watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+_global_shutdown = False
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    _global_shutdown = True
+    watchers = list(_live_watchers)
+    for watcher in watchers:
+        watcher.stop()
+    for watcher in watchers:
+        watcher.join()
+
+
+try:
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # pragma: no cover
+    import atexit
+
+    atexit.register(_python_exit)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0")
+    return value
+
+
+def _parse_cpus(value: Any) -> float:
+    """``cpus_per_job`` as a number: 2, 0.5, "2", or Kubernetes-style "250m"."""
+    text = str(value).strip()
+    try:
+        cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ValueError(
+            f"cpus_per_job={value!r} is not a number of CPUs; use e.g. 1, 4, 0.5 or '250m'"
+        ) from None
+    if not cpus > 0:
+        raise ValueError(f"cpus_per_job={value!r} must be greater than 0")
+    return cpus
+
+
+def _run_id(name: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "run").strip("-.") or "run"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{slug[:64]}-{stamp}-{secrets.token_hex(4)}"
+
+
+class BatchPoolExecutor(cf.Executor):
+    """An ``Executor`` that runs each chunk of calls as a batch job.
+
+    With no arguments, jobs run in a pool of ``os.cpu_count()`` warm worker
+    processes on this machine and travel through a folder in the user's cache
+    dir, like ``ProcessPoolExecutor``. Name another ``backend`` and a
+    ``storage`` it can reach, and the same code runs on a cluster.
+
+    Keyword arguments (Hail's ``BatchPoolExecutor`` first):
+
+    - ``name``: a readable name for the run (in its storage path and job names).
+    - ``backend``: a ``Backend`` instance or a registered name such as ``"local"``.
+      A backend you pass in is never closed by the executor.
+    - ``image``: the container image for jobs, on backends that run containers.
+    - ``cpus_per_job``: CPUs per job (default 1); also caps the threads of
+      BLAS/OpenMP libraries in the job through ``OMP_NUM_THREADS`` and friends.
+    - ``wait_on_exit``: whether leaving a ``with`` block waits for the calls.
+    - ``cleanup_bucket``: delete the run from storage once every call is done.
+    - ``project``: the billing project or account, for backends that have one.
+    - ``max_workers``: how many jobs run at once (local default: CPUs / cpus_per_job).
+    - ``storage``: a folder, an fsspec URL (``gs://b/p``, ``s3://b/p``), an fsspec
+      filesystem, or ``(filesystem, root)``; ``storage_options`` go to fsspec.
+    - ``serializer``: ``"cloudpickle"`` (default) or ``"dill"``.
+    - ``max_attempts``: how often a job that dies without a result is run (default 3).
+      An exception raised by your function is a result and is never retried.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        backend: Backend | str | None = None,
+        image: str | None = None,
+        cpus_per_job: int | float | str | None = None,
+        wait_on_exit: bool = True,
+        cleanup_bucket: bool = True,
+        project: str | None = None,
+        max_workers: int | None = None,
+        storage: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        serializer: str = "cloudpickle",
+        max_attempts: int = 3,
+    ) -> None:
+        if max_workers is not None:
+            _check_positive_int("max_workers", max_workers)
+        _check_positive_int("max_attempts", max_attempts)
+        cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
+        self._serializer = get_serializer(serializer)
+        self.name = name
+        self.wait_on_exit = wait_on_exit
+        self.cleanup_bucket = cleanup_bucket
+
+        owns_backend = not isinstance(backend, Backend)
+        if backend is None or backend == "local":
+            if max_workers is None:
+                max_workers = max(1, int((os.cpu_count() or 1) // max(cpus, 1)))
+            backend = LocalBackend(max_workers)
+        elif isinstance(backend, str):
+            backend = make_backend(backend)
+        elif not isinstance(backend, Backend):
+            raise TypeError(
+                f"backend= takes a Backend instance or a registered name such as 'local', "
+                f"not a {type(backend).__name__}"
+            )
+        self._backend = backend
+        if image is not None and isinstance(backend, LocalBackend):
+            warnings.warn(
+                f"image={image!r} is ignored: the local backend runs jobs with this machine's "
+                "Python; use a backend that runs containers to use an image",
+                stacklevel=2,
+            )
+        capacity = min(max_workers or backend.max_parallel(), backend.max_parallel())
+        if max_workers is not None:
+            capacity = max_workers
+
+        fs, root = open_storage(storage, storage_options)
+        self._run_id = _run_id(name)
+        store = Store(fs, f"{root}/{self._run_id}")
+        secret = secrets.token_bytes(32)
+        threads = str(max(1, int(cpus)))
+        job_env = {
+            STORE_ENV: store.spec(),
+            SECRET_ENV: secret.hex(),
+            "PYTHONUNBUFFERED": "1",
+            **{var: threads for var in THREAD_ENV},
+        }
+        settings = {
+            "cpus_per_job": cpus,
+            "image": image,
+            "project": project,
+            "max_workers": max_workers,
+            "max_attempts": max_attempts,
+            "cleanup_bucket": cleanup_bucket,
+        }
+        try:
+            store.create()
+            store.put(
+                store.MANIFEST,
+                json.dumps(
+                    {
+                        "name": name,
+                        "run_id": self._run_id,
+                        "created": datetime.now(timezone.utc).isoformat(),
+                        "client": {**client_versions(self._serializer), "host": os.uname()[1]},
+                        "backend": type(backend).__name__,
+                        "settings": settings,
+                    },
+                    indent=2,
+                ).encode(),
+            )
+        except Exception:
+            if owns_backend:
+                backend.close()
+            raise
+        self._store = store
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._watcher = Watcher(
+            store=store,
+            backend=backend,
+            owns_backend=owns_backend,
+            serializer=self._serializer,
+            secret=secret,
+            header=client_versions(self._serializer),
+            job_env=job_env,
+            resources=Resources(cpus=cpus, image=image),
+            run_name=self._run_id.rsplit("-", 3)[0],
+            capacity=capacity,
+            max_attempts=max_attempts,
+            cleanup=cleanup_bucket,
+        )
+        _live_watchers.add(self._watcher)
+        # If the executor is dropped without shutdown, its calls still finish.
+        weakref.finalize(self, self._watcher.stop)
+
+    # -- what the run is --------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def run_url(self) -> str:
+        """Where this run lives in storage."""
+        return self._store.url
+
+    @property
+    def max_workers(self) -> int:
+        return self._watcher.capacity
+
+    # -- submit and map --------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> BatchPoolFuture:
+        """Schedule ``fn(*args, **kwargs)``; the call is pickled now, in this thread."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not a {type(fn).__name__}")
+        self._check_open()
+        payload = self._serializer.dumps((fn, [(args, kwargs)]))
+        future = BatchPoolFuture()
+        self._enqueue(CallGroup(payload, [future], describe_callable(fn)))
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """``map(fn, *iterables)`` with its calls run as jobs; results in input order.
+
+        ``timeout`` is a deadline counted from this call. ``chunksize=None`` picks
+        a size from the input's length and the workers (about four chunks per
+        worker). ``buffersize`` bounds how many chunks are submitted and not yet
+        yielded, so an endless generator is read only as fast as results are used.
+        An exception raised by a call is raised when its item is reached.
+        """
+        futures = self._map_futures(fn, iterables, timeout, chunksize, buffersize)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._result_iterator(futures, deadline)
+
+    def _map_futures(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...] | list[Iterable[Any]],
+        timeout: float | None,
+        chunksize: int | None,
+        buffersize: int | None,
+    ) -> Iterator[list[BatchPoolFuture]]:
+        """Submit ``map``'s chunks (all now, or ``buffersize`` ahead) and yield their futures."""
+        if not callable(fn):
+            raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
+        if chunksize is not None:
+            _check_positive_int("chunksize", chunksize)
+        if buffersize is not None:
+            _check_positive_int("buffersize", buffersize)
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or a number of seconds >= 0")
+        self._check_open()
+        items: Iterable[tuple[Any, ...]] = zip(*iterables)
+        length = common_length(iterables)
+        if buffersize is None and length is None:
+            items = list(items)  # everything is submitted now anyway: learn the length
+            length = len(items)
+        if chunksize is None and length is not None:
+            chunksize = auto_chunksize(length, self._watcher.capacity)
+        chunks = iter_chunks(items, chunksize)
+        pickled_fn = self._serializer.dumps(fn)  # fails early, with fn alone to blame
+        del pickled_fn
+        label = describe_callable(fn)
+
+        def submit_chunk(chunk: list[tuple[Any, ...]]) -> list[BatchPoolFuture]:
+            payload = self._serializer.dumps((fn, [(args, {}) for args in chunk]))
+            futures = [BatchPoolFuture() for _ in chunk]
+            self._enqueue(CallGroup(payload, futures, label, fixed=True))
+            return futures
+
+        ahead = None if buffersize is None else buffersize
+        submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, ahead))
+
+        def in_order() -> Iterator[list[BatchPoolFuture]]:
+            while submitted:
+                yield submitted.popleft()
+                if ahead is not None:
+                    for chunk in itertools.islice(chunks, 1):
+                        submitted.append(submit_chunk(chunk))
+
+        return in_order()
+
+    @staticmethod
+    def _result_iterator(
+        chunks: Iterator[list[BatchPoolFuture]], deadline: float | None
+    ) -> Generator[Any, None, None]:
+        futures: collections.deque[BatchPoolFuture] = collections.deque()
+        try:
+            for chunk in chunks:
+                futures.extend(chunk)
+                del chunk
+                while futures:
+                    # Pop first, so neither this frame nor the deque keeps the result alive.
+                    future = futures.popleft()
+                    if deadline is None:
+                        yield future.result()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        try:
+                            yield future.result(max(0.0, remaining))
+                        except cf.TimeoutError:
+                            raise _MapTimeout(
+                                "map() did not finish within its timeout"
+                            ) from None
+                    del future
+        finally:
+            for future in futures:
+                future.cancel()
+            for chunk in chunks:  # cancel what a buffered map had submitted ahead
+                for future in chunk:
+                    future.cancel()
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _enqueue(self, group: CallGroup) -> None:
+        with self._shutdown_lock:
+            self._check_open()
+            self._watcher.enqueue(group)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more calls; with ``wait``, return when every call is done.
+
+        ``cancel_futures`` cancels the calls not yet handed to the backend. The run
+        is deleted from storage (``cleanup_bucket``) and the backend closed (when
+        the executor made it) once every call is done, waiting or not.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._watcher.cancel_pending()
+        self._watcher.stop()
+        if wait:
+            self._watcher.join()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        self.shutdown(wait=self.wait_on_exit)
+        return False
+
+    # -- asyncio ----------------------------------------------------------------------------
+
+    async def async_submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> BatchPoolFuture:
+        """``submit`` for event loops: pickling runs in a thread; await the returned future."""
+        return await asyncio.to_thread(self.submit, fn, *args, **kwargs)
+
+    def async_map(
+        self,
+        fn: Callable[..., Any],
+        iterables: Iterable[Iterable[Any]],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> AsyncMap:
+        """``map`` for event loops, with Hail's signature (one list of iterables).
+
+        ``async for r in await bpe.async_map(fn, [xs])`` submits everything (in a
+        thread) when awaited and yields results in input order;
+        ``async for r in bpe.async_map(fn, [xs])`` works too.
+        """
+        return AsyncMap(self, fn, list(iterables), timeout, chunksize)
+
+    async def __aenter__(self) -> BatchPoolExecutor:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        await asyncio.to_thread(self.shutdown, self.wait_on_exit)
+        return False
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<BatchPoolExecutor {self._run_id} on {self._backend!r}, {state}>"
+
+
+class AsyncMap:
+    """What ``async_map`` returns: awaitable (to an async iterator) and async-iterable."""
+
+    def __init__(
+        self,
+        executor: BatchPoolExecutor,
+        fn: Callable[..., Any],
+        iterables: list[Iterable[Any]],
+        timeout: float | None,
+        chunksize: int | None,
+    ) -> None:
+        self._executor = executor
+        self._fn = fn
+        self._iterables = iterables
+        self._chunksize = chunksize
+        self._timeout = timeout
+        self._futures: list[BatchPoolFuture] | None = None
+        self._deadline: float | None = None
+        self._results = self._iterate()
+
+    async def _submit(self) -> None:
+        if self._futures is None:
+            loop = asyncio.get_running_loop()
+            if self._timeout is not None:
+                self._deadline = loop.time() + self._timeout
+
+            def submit_all() -> list[BatchPoolFuture]:
+                chunks = self._executor._map_futures(
+                    self._fn, self._iterables, self._timeout, self._chunksize, None
+                )
+                return [future for chunk in chunks for future in chunk]
+
+            self._futures = await asyncio.to_thread(submit_all)
+            self._fn = self._iterables = None  # type: ignore[assignment]
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        await self._submit()
+        assert self._futures is not None
+        futures = collections.deque(self._futures)
+        self._futures = []
+        loop = asyncio.get_running_loop()
+        try:
+            while futures:
+                future = futures.popleft()
+                waiter = asyncio.wrap_future(future)
+                if self._deadline is None:
+                    result = await waiter
+                else:
+                    try:
+                        result = await asyncio.wait_for(
+                            asyncio.shield(waiter), max(0.0, self._deadline - loop.time())
+                        )
+                    except (asyncio.TimeoutError, TimeoutError):
+                        raise _MapTimeout("async_map() did not finish within its timeout") from None
+                del future, waiter
+                yield result
+                del result
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def __await__(self) -> Generator[Any, None, AsyncIterator[Any]]:
+        async def ready() -> AsyncIterator[Any]:
+            await self._submit()
+            return self._results
+
+        return ready().__await__()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._results
+
+
+__all__ = ["AsyncMap", "BatchPoolExecutor"]

@@ -1,0 +1,237 @@
+"""What travels through storage: serializers, signed frames, chunk and outcome envelopes.
+
+A chunk's input and a chunk's outcome are each one object in storage. Both are a
+signed *frame* around an *envelope* pickled with the stdlib's pickle and holding
+only plain data (dicts, lists, str, bytes), so a worker can read the header and
+check versions before it touches anything the user's serializer produced.
+
+- Chunk input envelope: ``(header, groups)``. ``header`` names the client's
+  Python, serializer and batchpool versions. Each group is
+  ``(n_calls, payload, skip)`` where ``payload`` unpickles (with the serializer
+  named in the header) to ``(fn, [(args, kwargs), ...])``: one ``submit`` is a
+  group of one call, one ``map`` chunk is a group of many calls sharing ``fn``.
+  ``skip`` holds the indices of calls cancelled before the chunk was written.
+- Outcome envelope: ``(meta, entries)`` with one entry per call, in order:
+  ``(OK, payload)``, ``(ERROR, payload_or_None, type_name, message, traceback)``
+  or ``(SKIPPED,)``.
+
+A frame is ``MAGIC + HMAC-SHA256(secret, key + NUL + body) + body``. The key is
+part of the signed text, so a valid object copied to another key is refused too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from batchpool.errors import IntegrityError, RemoteError, RemoteTraceback, SerializationError
+
+MAGIC = b"BPF1"
+_DIGEST_SIZE = hashlib.sha256().digest_size
+ENVELOPE_PROTOCOL = 5
+
+OK = "ok"
+ERROR = "error"
+SKIPPED = "skipped"
+
+Entry = tuple[Any, ...]
+Group = tuple[int, bytes, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Serializer:
+    """A pickling library: its name, version and functions."""
+
+    name: str
+    version: str
+    dumps: Callable[[Any], bytes]
+    loads: Callable[[bytes], Any]
+
+    @property
+    def major(self) -> str:
+        return self.version.split(".")[0]
+
+
+SERIALIZERS = ("cloudpickle", "dill")
+
+
+def get_serializer(name: str) -> Serializer:
+    """The serializer called ``name``; a clear error when it is unknown or not installed."""
+    if name not in SERIALIZERS:
+        raise ValueError(
+            f"serializer={name!r} is not one batchpool knows; use one of {', '.join(SERIALIZERS)}"
+        )
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(
+            f"serializer={name!r} needs the {name} package: pip install 'batchpool[{name}]'"
+        ) from exc
+    if name == "dill":
+
+        def dumps(obj: Any) -> bytes:
+            return bytes(module.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True))
+
+    else:
+
+        def dumps(obj: Any) -> bytes:
+            return bytes(module.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+    return Serializer(name, str(module.__version__), dumps, module.loads)
+
+
+# -- frames -------------------------------------------------------------------------------
+
+
+def _mac(secret: bytes, key: str, body: bytes) -> bytes:
+    mac = hmac.new(secret, key.encode() + b"\0", hashlib.sha256)
+    mac.update(body)
+    return mac.digest()
+
+
+def seal(secret: bytes, key: str, body: bytes) -> bytes:
+    """The frame stored at ``key``: ``body`` signed with the run's secret."""
+    return MAGIC + _mac(secret, key, body) + body
+
+
+def unseal(secret: bytes, key: str, frame: bytes) -> bytes:
+    """The body of a frame read from ``key``, after its signature is checked.
+
+    Raises IntegrityError before anything is unpickled when the frame was not
+    written by a holder of this run's secret for this very key.
+    """
+    head = len(MAGIC) + _DIGEST_SIZE
+    if len(frame) < head or not frame.startswith(MAGIC):
+        raise IntegrityError(
+            f"{key} is not a batchpool object (bad header); it was written by something else "
+            "or truncated, and was not unpickled"
+        )
+    body = memoryview(frame)[head:]
+    if not hmac.compare_digest(frame[len(MAGIC) : head], _mac(secret, key, body)):
+        raise IntegrityError(
+            f"{key} does not carry this run's signature: it was changed or written by someone "
+            "without the run secret, and was not unpickled. If you started this worker by hand, "
+            "give it the run's BATCHPOOL_RUN_SECRET"
+        )
+    return bytes(body)
+
+
+# -- chunk input --------------------------------------------------------------------------
+
+
+def client_versions(serializer: Serializer) -> dict[str, str]:
+    """The versions a worker must match to read what this process pickles."""
+    from batchpool import __version__
+
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "serializer": serializer.name,
+        "serializer_version": serializer.version,
+        "batchpool": __version__,
+    }
+
+
+def encode_chunk(header: dict[str, Any], groups: list[Group]) -> bytes:
+    return pickle.dumps((header, groups), protocol=ENVELOPE_PROTOCOL)
+
+
+def decode_chunk(body: bytes) -> tuple[dict[str, Any], list[Group]]:
+    header, groups = pickle.loads(body)
+    return header, groups
+
+
+# -- outcomes -----------------------------------------------------------------------------
+
+
+def encode_outcome(meta: dict[str, Any], entries: list[Entry]) -> bytes:
+    return pickle.dumps((meta, entries), protocol=ENVELOPE_PROTOCOL)
+
+
+def decode_outcome(body: bytes) -> tuple[dict[str, Any], list[Entry]]:
+    meta, entries = pickle.loads(body)
+    return meta, entries
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as err:  # a broken __str__ must not lose the outcome
+        return f"<str() of the exception failed: {err!r}>"
+
+
+def error_entry(exc: BaseException, serializer: Serializer) -> Entry:
+    """The outcome of a call that raised ``exc``.
+
+    The exception is kept as itself when it survives a pickle round trip here on
+    the worker (exceptions with custom ``__init__`` signatures often do not);
+    its type name, message and traceback text are always kept.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    payload: bytes | None
+    try:
+        payload = serializer.dumps(exc)
+        serializer.loads(payload)
+    except BaseException:
+        payload = None
+    return (ERROR, payload, _type_name(exc), _safe_str(exc), tb)
+
+
+def value_entry(value: Any, serializer: Serializer, call: str) -> Entry:
+    """The outcome of a call that returned ``value``; an error entry if it cannot be pickled."""
+    try:
+        return (OK, serializer.dumps(value))
+    except BaseException as exc:
+        error = SerializationError(
+            f"the result of {call} (a {type(value).__module__}.{type(value).__qualname__}) "
+            f"could not be pickled on the worker: {type(exc).__name__}: {_safe_str(exc)}; "
+            "return something picklable (plain data, or a path to what the job wrote)"
+        )
+        error.__cause__ = exc
+        return error_entry(error, serializer)
+
+
+def entry_outcome(entry: Entry, serializer: Serializer) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, exception)`` for one call's outcome entry."""
+    kind = entry[0]
+    if kind == OK:
+        try:
+            return True, serializer.loads(entry[1])
+        except BaseException as exc:
+            error = SerializationError(
+                f"the result of a call was pickled on the worker but could not be unpickled "
+                f"here: {type(exc).__name__}: {_safe_str(exc)}; is the module defining it "
+                "importable in this process?"
+            )
+            error.__cause__ = exc
+            return False, error
+    if kind == ERROR:
+        _, payload, type_name, message, tb = entry
+        remote: BaseException | None = None
+        why = "it could not be pickled on the worker"
+        if payload is not None:
+            try:
+                loaded = serializer.loads(payload)
+            except BaseException as exc:
+                why = f"it could not be unpickled here: {type(exc).__name__}: {_safe_str(exc)}"
+            else:
+                if isinstance(loaded, BaseException):
+                    remote = loaded
+                else:
+                    why = f"it unpickled as a {type(loaded).__name__}, not an exception"
+        if remote is None:
+            remote = RemoteError(type_name, message, tb, why)
+        remote.__cause__ = RemoteTraceback(tb)
+        return False, remote
+    raise ValueError(f"unknown outcome entry kind {kind!r}")

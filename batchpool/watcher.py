@@ -1,0 +1,390 @@
+"""The one thread of an executor: it dispatches chunks and completes futures.
+
+State machine of a call::
+
+    queued (CallGroup in _pending) --dispatch--> in flight (Chunk in _inflight, job running)
+        --job ends with an outcome--> future done
+        --job ends without one--> retried (new attempt) or future fails with WorkerLostError
+
+Only this thread touches ``_inflight`` and ``_retry``; callers touch ``_pending``
+under ``_lock`` (``enqueue``, ``cancel_pending``). Everything else reaches the
+thread through ``_events``: job events pushed by the backend, and wake-ups.
+
+A call's future is marked running when its chunk is handed to the backend, as
+the stdlib marks a call running when it enters the process pool's call queue;
+until then ``cancel()`` succeeds and the call never runs. At most ``2 * capacity``
+chunks are in flight, so a chunk waits in the backend only while another runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Resources
+from batchpool.chunking import coalesce_target
+from batchpool.errors import BatchPoolError, WorkerLostError
+from batchpool.future import BatchPoolFuture
+from batchpool.serialization import (
+    Group,
+    Serializer,
+    decode_outcome,
+    encode_chunk,
+    entry_outcome,
+    seal,
+    unseal,
+)
+from batchpool.store import Store
+
+log = logging.getLogger("batchpool")
+
+_WAKE = object()
+#: Seconds between status queries when the backend pushes job events anyway.
+SAFETY_POLL = 5.0
+#: Status polling for backends without events: fast while jobs end, backing off when idle.
+POLL_MIN, POLL_MAX = 0.05, 2.0
+
+
+@dataclass(eq=False)
+class CallGroup:
+    """Calls that share one pickled payload: one ``submit``, or one ``map`` chunk."""
+
+    payload: bytes
+    futures: list[BatchPoolFuture]
+    label: str  # e.g. "f()", for messages
+    fixed: bool = False  # a map chunk, sized already: never merged with other groups
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Calls that run as one job; ``futures`` is aligned with the outcome's entries."""
+
+    id: str
+    futures: list[BatchPoolFuture | None]  # None where a call was cancelled and is skipped
+    labels: list[str]
+    attempt: int = 1
+    job_id: str = ""
+    reasons: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        calls = sum(f is not None for f in self.futures)
+        names = ", ".join(sorted(set(self.labels)))
+        return f"{calls} call{'s' if calls != 1 else ''} to {names}"
+
+
+class Watcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        backend: Backend,
+        owns_backend: bool,
+        serializer: Serializer,
+        secret: bytes,
+        header: dict[str, Any],
+        job_env: dict[str, str],
+        resources: Resources,
+        run_name: str,
+        capacity: int,
+        max_attempts: int,
+        cleanup: bool,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self._owns_backend = owns_backend
+        self._serializer = serializer
+        self._secret = secret
+        self._header = header
+        self._job_env = job_env
+        self._resources = resources
+        self._run_name = run_name
+        self.capacity = capacity
+        self._limit = 2 * capacity
+        self._max_attempts = max_attempts
+        self._cleanup = cleanup
+        self._lock = threading.Lock()
+        self._pending: collections.deque[CallGroup] = collections.deque()
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inflight: dict[str, Chunk] = {}  # job id -> chunk
+        self._retry: collections.deque[Chunk] = collections.deque()
+        self._stopping = False
+        self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
+        self._next_poll = time.monotonic() + self._poll_interval
+        self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads --------------------------------------------------------
+
+    def enqueue(self, group: CallGroup) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            was_empty = not self._pending
+            self._pending.append(group)
+        if was_empty:  # otherwise a wake-up is on its way, or a job's end will come
+            self._events.put(_WAKE)
+
+    def cancel_pending(self) -> None:
+        """Cancel every call not yet handed to the backend."""
+        with self._lock:
+            groups = list(self._pending)
+            self._pending.clear()
+        for group in groups:
+            for future in group.futures:
+                future.cancel()
+        self._events.put(_WAKE)
+
+    def stop(self) -> None:
+        """No more calls will come: finish what is in flight, clean up, and end."""
+        with self._lock:
+            self._stopping = True
+        self._events.put(_WAKE)
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def notify(self, event: JobEvent) -> None:
+        """The backend's callback: a job's state changed."""
+        self._events.put(event)
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wait_for_events()
+                self._dispatch()
+                if self._inflight and time.monotonic() >= self._next_poll:
+                    self._poll()
+                with self._lock:
+                    idle = not self._pending and not self._inflight and not self._retry
+                    if self._stopping and idle:
+                        break
+        except BaseException as exc:  # never leave a future waiting on a dead thread
+            log.exception("batchpool watcher failed; failing every unfinished call")
+            self._fail_everything(exc)
+        finally:
+            self._close()
+
+    def _wait_for_events(self) -> None:
+        timeout: float | None = None
+        if self._inflight:
+            timeout = max(0.0, self._next_poll - time.monotonic())
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, JobEvent):
+                self._on_event(item)
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self) -> None:
+        ready: list[Chunk] = []
+        while self._retry and len(self._inflight) + len(ready) < self._limit:
+            ready.append(self._retry.popleft())
+        while len(self._inflight) + len(ready) < self._limit:
+            groups = self._take_groups()
+            if not groups:
+                break
+            chunk = self._make_chunk(groups)
+            if chunk is not None:
+                ready.append(chunk)
+        if ready:
+            self._submit(ready)
+
+    def _take_groups(self) -> list[tuple[CallGroup, list[int]]]:
+        """The next chunk's groups, with the indices of calls cancelled meanwhile."""
+        taken: list[tuple[CallGroup, list[int]]] = []
+        with self._lock:
+            if not self._pending:
+                return taken
+            target = coalesce_target(len(self._pending), self.capacity)
+            n_calls = 0
+            while self._pending and n_calls < target:
+                group = self._pending[0]
+                if taken and (group.fixed or taken[0][0].fixed):
+                    break
+                self._pending.popleft()
+                skip = [i for i, f in enumerate(group.futures) if not f._start()]
+                if len(skip) < len(group.futures):
+                    taken.append((group, skip))
+                    n_calls += len(group.futures)
+        return taken
+
+    def _make_chunk(self, taken: list[tuple[CallGroup, list[int]]]) -> Chunk | None:
+        if not taken:
+            return None
+        chunk = Chunk(uuid.uuid4().hex, [], [])
+        groups: list[Group] = []
+        for group, skip in taken:
+            skipped = set(skip)
+            chunk.futures.extend(None if i in skipped else f for i, f in enumerate(group.futures))
+            chunk.labels.append(group.label)
+            groups.append((len(group.futures), group.payload, tuple(skip)))
+        key = self.store.chunk_key(chunk.id)
+        try:
+            self.store.put(key, seal(self._secret, key, encode_chunk(self._header, groups)))
+        except Exception as exc:
+            self._fail(chunk, _storage_error("write the input of", chunk, exc))
+            return None
+        return chunk
+
+    def _submit(self, chunks: list[Chunk]) -> None:
+        specs = [self._job_spec(chunk) for chunk in chunks]
+        try:
+            job_ids = self.backend.submit(specs, self.notify)
+        except Exception as exc:
+            for chunk in chunks:
+                self._fail(
+                    chunk,
+                    BatchPoolError(
+                        f"{self.backend!r} could not start the job for {chunk.describe()} "
+                        f"(chunk {chunk.id}): {type(exc).__name__}: {exc}"
+                    ),
+                )
+            return
+        for chunk, job_id in zip(chunks, job_ids):
+            chunk.job_id = job_id
+            self._inflight[job_id] = chunk
+
+    def _job_spec(self, chunk: Chunk) -> JobSpec:
+        return JobSpec(
+            name=f"{self._run_name}-{chunk.id[:8]}-{chunk.attempt}",
+            args=("--chunk", chunk.id, "--attempt", str(chunk.attempt)),
+            env=self._job_env,
+            resources=self._resources,
+        )
+
+    def _poll(self) -> None:
+        try:
+            states = self.backend.status(list(self._inflight))
+        except Exception as exc:
+            log.warning("batchpool: %r could not report job states: %s", self.backend, exc)
+            states = {}
+        ended = 0
+        for job_id, state in states.items():
+            if state.is_final and job_id in self._inflight:
+                ended += 1
+                self._on_event(JobEvent(job_id, state, reason=f"the backend reports it {state.name}"))
+        if not self.backend.notifies:
+            self._poll_interval = POLL_MIN if ended else min(POLL_MAX, self._poll_interval * 2)
+        self._next_poll = time.monotonic() + self._poll_interval
+
+    # -- a job ended ----------------------------------------------------------------------
+
+    def _on_event(self, event: JobEvent) -> None:
+        if not event.state.is_final:
+            return
+        chunk = self._inflight.pop(event.job_id, None)
+        if chunk is None:  # already handled through a status poll
+            return
+        key = self.store.result_key(chunk.id, chunk.attempt)
+        try:
+            frame = self.store.get(key)
+        except FileNotFoundError:
+            self._lost(chunk, event)
+            return
+        except Exception as exc:
+            self._fail(chunk, _storage_error("read the outcome of", chunk, exc))
+            return
+        try:
+            meta, entries = decode_outcome(unseal(self._secret, key, frame))
+            del frame
+            if len(entries) != len(chunk.futures):
+                raise BatchPoolError(
+                    f"{key} holds {len(entries)} outcomes for {len(chunk.futures)} calls"
+                )
+        except Exception as exc:
+            self._fail(chunk, exc)
+            return
+        for future, entry in zip(chunk.futures, entries):
+            if future is not None:
+                ok, value = entry_outcome(entry, self._serializer)
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+                del value  # the caller alone keeps the result alive
+
+    def _lost(self, chunk: Chunk, event: JobEvent) -> None:
+        reason = event.reason or f"it ended as {event.state.name}"
+        chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
+        if event.state is not JobState.CANCELLED and chunk.attempt < self._max_attempts:
+            log.info("batchpool: chunk %s lost (%s); retrying", chunk.id, reason)
+            chunk.attempt += 1
+            self._retry.append(chunk)
+            return
+        if event.state is JobState.CANCELLED:
+            headline = f"the job running {chunk.describe()} was cancelled ({reason})"
+        else:
+            headline = (
+                f"{chunk.describe()} got no result after {chunk.attempt} "
+                f"attempt{'s' if chunk.attempt != 1 else ''}: the job ended without writing "
+                "one each time, so it was never the call raising an exception"
+            )
+        text = "\n".join([headline, *("  " + r for r in chunk.reasons)])
+        if event.log_tail:
+            text += "\nLast lines of the job's output:\n" + event.log_tail
+        self._fail(chunk, WorkerLostError(text))
+
+    def _fail(self, chunk: Chunk, exc: BaseException) -> None:
+        for future in chunk.futures:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._lock:
+            self._stopping = True
+            groups = list(self._pending)
+            self._pending.clear()
+        error = BatchPoolError(f"the executor's watcher thread failed: {type(exc).__name__}: {exc}")
+        for chunk in [*self._inflight.values(), *self._retry]:
+            self._fail(chunk, error)
+        for group in groups:
+            for future in group.futures:
+                if future._start():
+                    future.set_exception(error)
+        self._inflight.clear()
+        self._retry.clear()
+
+    def _close(self) -> None:
+        if self._inflight:
+            self.backend.cancel(list(self._inflight))
+        if self._owns_backend:
+            try:
+                self.backend.close()
+            except Exception:
+                log.exception("batchpool: closing %r failed", self.backend)
+        if self._cleanup:
+            try:
+                self.store.delete_run()
+            except Exception as exc:
+                log.warning("batchpool: could not delete the run at %s: %s", self.store.url, exc)
+
+
+def _storage_error(what: str, chunk: Chunk, exc: Exception) -> BatchPoolError:
+    return BatchPoolError(
+        f"could not {what} {chunk.describe()} (chunk {chunk.id}) in storage: "
+        f"{type(exc).__name__}: {exc}"
+    )
+
+
+def describe_callable(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{name}()"
