@@ -51,11 +51,14 @@ def iter_chunks(items: Iterable[T], chunksize: int | None) -> Iterator[list[T]]:
         yield chunk
 
 
-def coalesce_target(n_pending: int, capacity: int) -> int:
-    """How many queued single submits to put in one chunk.
+def coalesce_target(n_pending: int, free_slots: int, limit: int) -> int:
+    """How many queued single submits to put in the next chunk.
 
-    Spread what is queued over twice the jobs that can run at once: a lone
-    submit goes alone (lowest latency); a burst of thousands becomes a few
-    dozen chunks instead of thousands of jobs.
+    While there are free slots for every queued call, each call is its own job,
+    so calls run side by side as they would in a process pool (and a lone submit
+    has the lowest latency). A backlog larger than the free slots is spread over
+    ``limit`` chunks: a burst of thousands becomes dozens of jobs, not thousands.
     """
-    return max(1, min(MAX_COALESCE, math.ceil(n_pending / (2 * max(1, capacity)))))
+    if n_pending <= free_slots:
+        return 1
+    return max(1, min(MAX_COALESCE, math.ceil(n_pending / max(1, limit))))

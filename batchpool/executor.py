@@ -277,7 +277,7 @@ class BatchPoolExecutor(cf.Executor):
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
-    ) -> Iterator[list[BatchPoolFuture]]:
+    ) -> Generator[list[BatchPoolFuture], None, None]:
         """Submit ``map``'s chunks (all now, or ``buffersize`` ahead) and yield their futures."""
         if not callable(fn):
             raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
@@ -309,18 +309,23 @@ class BatchPoolExecutor(cf.Executor):
         ahead = None if buffersize is None else buffersize
         submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, ahead))
 
-        def in_order() -> Iterator[list[BatchPoolFuture]]:
-            while submitted:
-                yield submitted.popleft()
-                if ahead is not None:
-                    for chunk in itertools.islice(chunks, 1):
-                        submitted.append(submit_chunk(chunk))
+        def in_order() -> Generator[list[BatchPoolFuture], None, None]:
+            try:
+                while submitted:
+                    yield submitted.popleft()
+                    if ahead is not None:
+                        for chunk in itertools.islice(chunks, 1):
+                            submitted.append(submit_chunk(chunk))
+            finally:  # closed early: cancel what was submitted ahead, read no more input
+                for futures in submitted:
+                    for future in futures:
+                        future.cancel()
 
         return in_order()
 
     @staticmethod
     def _result_iterator(
-        chunks: Iterator[list[BatchPoolFuture]], deadline: float | None
+        chunks: Generator[list[BatchPoolFuture], None, None], deadline: float | None
     ) -> Generator[Any, None, None]:
         futures: collections.deque[BatchPoolFuture] = collections.deque()
         try:
@@ -328,25 +333,13 @@ class BatchPoolExecutor(cf.Executor):
                 futures.extend(chunk)
                 del chunk
                 while futures:
-                    # Pop first, so neither this frame nor the deque keeps the result alive.
-                    future = futures.popleft()
-                    if deadline is None:
-                        yield future.result()
-                    else:
-                        remaining = deadline - time.monotonic()
-                        try:
-                            yield future.result(max(0.0, remaining))
-                        except cf.TimeoutError:
-                            raise _MapTimeout(
-                                "map() did not finish within its timeout"
-                            ) from None
-                    del future
+                    # Neither this frame nor the deque may hold the future while we are
+                    # suspended at yield: the caller alone keeps the result alive.
+                    yield _result(futures.popleft(), deadline)
         finally:
             for future in futures:
                 future.cancel()
-            for chunk in chunks:  # cancel what a buffered map had submitted ahead
-                for future in chunk:
-                    future.cancel()
+            chunks.close()
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -413,6 +406,18 @@ class BatchPoolExecutor(cf.Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
         return f"<BatchPoolExecutor {self._run_id} on {self._backend!r}, {state}>"
+
+
+def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
+    try:
+        if deadline is None:
+            return future.result()
+        try:
+            return future.result(max(0.0, deadline - time.monotonic()))
+        except cf.TimeoutError:
+            raise _MapTimeout("map() did not finish within its timeout") from None
+    finally:
+        del future
 
 
 class AsyncMap:

@@ -26,8 +26,6 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-StorageArg = "str | os.PathLike[str] | AbstractFileSystem | tuple[AbstractFileSystem, str] | None"
-
 _FOLDERS = ("chunks", "results", "logs", "events", "blobs")
 
 
@@ -93,8 +91,8 @@ class Store:
 
     @property
     def url(self) -> str:
-        """The run's location as a user would type it."""
-        return self.fs.unstrip_protocol(self.root)
+        """The run's location as a user would type it: a path for local folders."""
+        return self.root if self._renames else self.fs.unstrip_protocol(self.root)
 
     # -- keys --------------------------------------------------------------------------
 

@@ -214,7 +214,8 @@ class Watcher:
         with self._lock:
             if not self._pending:
                 return taken
-            target = coalesce_target(len(self._pending), self.capacity)
+            free = self._limit - len(self._inflight)
+            target = coalesce_target(len(self._pending), free, self._limit)
             n_calls = 0
             while self._pending and n_calls < target:
                 group = self._pending[0]

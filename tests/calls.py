@@ -1,0 +1,73 @@
+"""Functions the tests run in worker processes (importable there by reference)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def add(x: Any, y: Any) -> Any:
+    return x + y
+
+
+def mul(x: Any, y: Any) -> Any:
+    return x * y
+
+
+def triple(x: int) -> int:
+    return x * 3
+
+
+def capture(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, kwargs
+
+
+def divide(x: float) -> float:
+    return 1 / x
+
+
+def wait_for(path: str, value: Any = None, started: str | None = None) -> Any:
+    """Return ``value`` once ``path`` exists; touch ``started`` first if given."""
+    if started:
+        open(started, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+    return value
+
+
+def touch(path: str) -> str:
+    open(path, "w").close()
+    return path
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+class Dummy:
+    """A result that can be weakly referenced."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def make_dummy(value: int) -> Dummy:
+    return Dummy(value)
+
+
+class Holder:
+    def method(self) -> int:
+        return 42
+
+
+def touch_after(gate: str, path: str) -> str:
+    wait_for(gate)
+    return touch(path)
