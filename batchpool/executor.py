@@ -10,7 +10,6 @@ import json
 import os
 import re
 import secrets
-import sys
 import threading
 import time
 import warnings
@@ -19,7 +18,6 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from datetime import datetime, timezone
 from typing import Any
 
-from batchpool import __version__
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
@@ -250,7 +248,7 @@ class BatchPoolExecutor(cf.Executor):
         self._enqueue(CallGroup(payload, [future], describe_callable(fn)))
         return future
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
@@ -288,7 +286,7 @@ class BatchPoolExecutor(cf.Executor):
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
         self._check_open()
-        items: Iterable[tuple[Any, ...]] = zip(*iterables)
+        items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
         length = common_length(iterables)
         if buffersize is None and length is None:
             items = list(items)  # everything is submitted now anyway: learn the length
@@ -369,9 +367,8 @@ class BatchPoolExecutor(cf.Executor):
         if wait:
             self._watcher.join()
 
-    def __exit__(self, *exc_info: Any) -> bool:
+    def __exit__(self, *exc_info: Any) -> None:
         self.shutdown(wait=self.wait_on_exit)
-        return False
 
     # -- asyncio ----------------------------------------------------------------------------
 
@@ -399,9 +396,8 @@ class BatchPoolExecutor(cf.Executor):
     async def __aenter__(self) -> BatchPoolExecutor:
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool:
+    async def __aexit__(self, *exc_info: Any) -> None:
         await asyncio.to_thread(self.shutdown, self.wait_on_exit)
-        return False
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"

@@ -8,7 +8,7 @@ from collections.abc import Generator
 from typing import Any
 
 
-class BatchPoolFuture(cf.Future):  # type: ignore[type-arg]
+class BatchPoolFuture(cf.Future[Any]):
     """The future of one call.
 
     Everything ``concurrent.futures`` offers works on it (``wait``,
@@ -24,17 +24,17 @@ class BatchPoolFuture(cf.Future):  # type: ignore[type-arg]
         """
         if not super().cancel():
             return False
-        with self._condition:  # type: ignore[attr-defined]  # re-entrant
-            if self._state == cf._base.CANCELLED:  # type: ignore[attr-defined]
+        with self._condition:  # re-entrant
+            if self._state == cf._base.CANCELLED:
                 self.set_running_or_notify_cancel()
         return True
 
     def _start(self) -> bool:
         """Mark the call running, unless it was cancelled; for the executor only."""
-        with self._condition:  # type: ignore[attr-defined]
-            if self._state != cf._base.PENDING:  # type: ignore[attr-defined]
+        with self._condition:
+            if self._state != cf._base.PENDING:
                 return False
-            self._state = cf._base.RUNNING  # type: ignore[attr-defined]
+            self._state = cf._base.RUNNING
             return True
 
     def __await__(self) -> Generator[Any, None, Any]:

@@ -27,8 +27,9 @@ import importlib
 import pickle
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from batchpool.errors import IntegrityError, RemoteError, RemoteTraceback, SerializationError
 
@@ -89,7 +90,7 @@ def get_serializer(name: str) -> Serializer:
 # -- frames -------------------------------------------------------------------------------
 
 
-def _mac(secret: bytes, key: str, body: bytes) -> bytes:
+def _mac(secret: bytes, key: str, body: bytes | memoryview) -> bytes:
     mac = hmac.new(secret, key.encode() + b"\0", hashlib.sha256)
     mac.update(body)
     return mac.digest()

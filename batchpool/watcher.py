@@ -164,14 +164,15 @@ class Watcher:
     def _run(self) -> None:
         try:
             while True:
-                self._wait_for_events()
                 self._dispatch()
                 if self._inflight and time.monotonic() >= self._next_poll:
                     self._poll()
+                    continue  # jobs it found ended freed slots: dispatch before waiting
                 with self._lock:
                     idle = not self._pending and not self._inflight and not self._retry
                     if self._stopping and idle:
                         break
+                self._wait_for_events()
         except BaseException as exc:  # never leave a future waiting on a dead thread
             log.exception("batchpool watcher failed; failing every unfinished call")
             self._fail_everything(exc)
@@ -260,7 +261,7 @@ class Watcher:
                     ),
                 )
             return
-        for chunk, job_id in zip(chunks, job_ids):
+        for chunk, job_id in zip(chunks, job_ids, strict=True):
             chunk.job_id = job_id
             self._inflight[job_id] = chunk
 
@@ -282,7 +283,8 @@ class Watcher:
         for job_id, state in states.items():
             if state.is_final and job_id in self._inflight:
                 ended += 1
-                self._on_event(JobEvent(job_id, state, reason=f"the backend reports it {state.name}"))
+                reason = f"the backend reports it {state.name}"
+                self._on_event(JobEvent(job_id, state, reason=reason))
         if not self.backend.notifies:
             self._poll_interval = POLL_MIN if ended else min(POLL_MAX, self._poll_interval * 2)
         self._next_poll = time.monotonic() + self._poll_interval
@@ -305,7 +307,7 @@ class Watcher:
             self._fail(chunk, _storage_error("read the outcome of", chunk, exc))
             return
         try:
-            meta, entries = decode_outcome(unseal(self._secret, key, frame))
+            _meta, entries = decode_outcome(unseal(self._secret, key, frame))
             del frame
             if len(entries) != len(chunk.futures):
                 raise BatchPoolError(
@@ -314,7 +316,7 @@ class Watcher:
         except Exception as exc:
             self._fail(chunk, exc)
             return
-        for future, entry in zip(chunk.futures, entries):
+        for future, entry in zip(chunk.futures, entries, strict=True):
             if future is not None:
                 ok, value = entry_outcome(entry, self._serializer)
                 if ok:

@@ -48,7 +48,7 @@ def env(name: str) -> str | None:
     return os.environ.get(name)
 
 
-def getpid() -> int:
+def getpid(*_: Any) -> int:
     return os.getpid()
 
 

@@ -108,9 +108,7 @@ def test_map_several_iterables_stop_at_the_shortest(executor: BatchPoolExecutor)
 
 @pytest.mark.parametrize("chunksize", [1, 3, 7, 100])
 def test_map_chunksize_keeps_order(executor: BatchPoolExecutor, chunksize: int) -> None:
-    assert list(executor.map(triple, range(50), chunksize=chunksize)) == [
-        3 * i for i in range(50)
-    ]
+    assert list(executor.map(triple, range(50), chunksize=chunksize)) == [3 * i for i in range(50)]
 
 
 def test_map_default_chunking_of_a_generator(executor: BatchPoolExecutor) -> None:
@@ -390,6 +388,7 @@ def test_max_workers_bounds_the_jobs_running_at_once(tmp_path: Path, gate: Gate)
         futures = [
             ex.submit(wait_for, gate.path("go"), i, started=gate.path(f"s{i}")) for i in range(5)
         ]
+
         def started() -> int:
             return sum(os.path.exists(gate.path(f"s{i}")) for i in range(5))
 

@@ -340,9 +340,7 @@ class LocalBackend(Backend):
                         del self._jobs[queued.id]
         if job is not None:
             state = JobState.CANCELLED if job.cancelled else JobState.LOST
-            self._finish(
-                job, state, exit_code, signum, f"its worker process {words}", log
-            )
+            self._finish(job, state, exit_code, signum, f"its worker process {words}", log)
         for queued in broken:
             self._finish(queued, JobState.LOST, reason=self._broken)
 

@@ -1,0 +1,242 @@
+"""The embedded local backend, the backend registry and the watcher's two ways of learning
+that a job ended, through real scripts and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from calls import getpid, triple
+
+import batchpool
+from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
+from batchpool.backends import Backend, JobSpec, JobState, available_backends, register_backend
+from batchpool.backends.base import Notify
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(folder: Path, source: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    script = folder / "script.py"
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(folder / "cache"))
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_functions_and_classes_from_main_and_from_the_users_own_module(tmp_path: Path) -> None:
+    (tmp_path / "mymodule.py").write_text("def shout(s):\n    return s.upper() + '!'\n")
+    result = run_script(
+        tmp_path,
+        """
+        from batchpool import BatchPoolExecutor
+        from mymodule import shout
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+        def norm(p):
+            return abs(p.x)
+
+        # No `if __name__ == "__main__":` guard: workers must not re-run this script.
+        with BatchPoolExecutor(max_workers=2) as bpe:
+            print(list(bpe.map(norm, [Point(-2), Point(3)])))
+            print(bpe.submit(shout, "hello").result())
+            print(bpe.submit(lambda: Point(5)).result().x)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[2, 3]", "HELLO!", "5"]
+
+
+def test_calls_submitted_without_shutdown_finish_at_interpreter_exit(tmp_path: Path) -> None:
+    result = run_script(
+        tmp_path,
+        """
+        import os
+        from batchpool import BatchPoolExecutor
+
+        def write(i):
+            open(f"done-{i}", "w").close()
+
+        bpe = BatchPoolExecutor(max_workers=2)
+        for i in range(20):
+            bpe.submit(write, i)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("done-*")) == sorted(f"done-{i}" for i in range(20))
+
+
+def test_worker_output_is_echoed_and_kept_in_the_run_log(tmp_path: Path) -> None:
+    result = run_script(
+        tmp_path,
+        """
+        from batchpool import BatchPoolExecutor
+
+        def chatty(x):
+            print(f"working on {x}")
+            return x
+
+        with BatchPoolExecutor(max_workers=1, cleanup_bucket=False) as bpe:
+            bpe.submit(chatty, 7).result()
+            print("run at", bpe.run_url)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "working on 7" in result.stdout
+    run = Path(result.stdout.split("run at ")[1].strip())
+    logs = list((run / "logs").iterdir())
+    assert len(logs) == 1 and logs[0].read_text() == "working on 7\n"
+
+
+# -- the watcher without job events -----------------------------------------------------------
+
+
+class PollOnly(Backend):
+    """A real LocalBackend whose job events are withheld: the watcher must poll states."""
+
+    name = "poll-only"
+    notifies = False
+
+    def __init__(self, max_workers: int = 2) -> None:
+        self.inner = LocalBackend(max_workers)
+        self.status_calls = 0
+
+    def max_parallel(self) -> int:
+        return self.inner.max_parallel()
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        return self.inner.submit(jobs, None)
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        self.status_calls += 1
+        return self.inner.status(job_ids)
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        self.inner.cancel(job_ids)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_backend_without_events_is_polled_with_one_query_for_all_jobs(tmp_path: Path) -> None:
+    backend = PollOnly()
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path)) as ex:
+        assert list(ex.map(triple, range(200), chunksize=10)) == [3 * i for i in range(200)]
+        assert ex.submit(triple, 5).result() == 15
+    # One status query per poll for every job in flight, never one per job or per future.
+    assert 0 < backend.status_calls < 200 / 10 + 20
+    backend.close()
+
+
+def test_a_dead_worker_is_noticed_by_polling_too(tmp_path: Path) -> None:
+    backend = PollOnly()
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path), max_attempts=2) as ex:
+        future = ex.submit(os._exit, 3)
+        with pytest.raises(WorkerLostError, match="2 attempts"):
+            future.result(timeout=60)
+        assert ex.submit(triple, 1).result() == 3
+    backend.close()
+
+
+# -- the registry and ownership ---------------------------------------------------------------
+
+
+def test_backend_by_name_and_unknown_names(tmp_path: Path) -> None:
+    assert "local" in available_backends()
+    with BatchPoolExecutor(backend="local", storage=str(tmp_path)) as ex:
+        assert isinstance(ex.backend, LocalBackend)
+        assert ex.submit(triple, 2).result() == 6
+    with pytest.raises(ValueError, match=r"known: .*local"):
+        BatchPoolExecutor(backend="no-such-engine", storage=str(tmp_path))
+    with pytest.raises(TypeError, match="backend="):
+        BatchPoolExecutor(backend=42, storage=str(tmp_path))  # type: ignore[arg-type]
+
+
+def test_register_backend(tmp_path: Path) -> None:
+    register_backend("poll-only", PollOnly)
+    with BatchPoolExecutor(backend="poll-only", storage=str(tmp_path)) as ex:
+        assert isinstance(ex.backend, PollOnly)
+        assert ex.submit(triple, 3).result() == 9
+    with pytest.raises(TypeError):
+        register_backend("bad", int)  # type: ignore[arg-type]
+
+
+def test_a_backend_passed_in_is_never_closed(tmp_path: Path) -> None:
+    backend = LocalBackend(max_workers=2)
+    try:
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path)) as first:
+            pids = set(first.map(getpid, range(20), chunksize=1))
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path)) as second:
+            assert second.submit(triple, 4).result() == 12
+            pids |= set(second.map(getpid, range(20), chunksize=1))
+        assert len(pids) <= 2  # both executors were served by the same two warm processes
+    finally:
+        backend.close()
+    with pytest.raises(batchpool.BackendError, match="closed"):
+        backend.submit([JobSpec("x", ())])
+
+
+def test_the_executor_closes_the_backend_it_made(tmp_path: Path) -> None:
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as ex:
+        backend = ex.backend
+        ex.submit(triple, 1).result()
+    with pytest.raises(batchpool.BackendError, match="closed"):
+        backend.submit([JobSpec("x", ())])
+
+
+def test_workers_that_cannot_start_fail_the_calls_clearly(tmp_path: Path) -> None:
+    backend = LocalBackend(max_workers=1, python=sys.executable + "-does-not-exist")
+    with pytest.raises(batchpool.BackendError, match="cannot start a local worker"):
+        backend.submit([JobSpec("x", ())])
+    backend.close()
+
+    broken = LocalBackend(max_workers=1, python="/bin/false")
+    with BatchPoolExecutor(backend=broken, storage=str(tmp_path)) as ex:
+        with pytest.raises(WorkerLostError, match="exit before they are ready"):
+            ex.submit(triple, 1).result(timeout=60)
+        with pytest.raises(WorkerLostError, match="exit before they are ready"):
+            ex.submit(triple, 2).result(timeout=60)
+    broken.close()
+
+
+def test_local_backend_status_and_cancel_of_a_queued_job(tmp_path: Path) -> None:
+    backend = LocalBackend(max_workers=1)
+    try:
+        events = []
+        jobs = [JobSpec("never-valid", ("--chunk", "nope", "--attempt", "1"))] * 3
+        ids = backend.submit(jobs, events.append)
+        backend.cancel([ids[2]])
+        assert backend.status([ids[2]]) == {ids[2]: JobState.CANCELLED}
+        assert backend.status(["local-unknown"]) == {"local-unknown": JobState.LOST}
+    finally:
+        backend.close()
+    states = {e.job_id: e.state for e in events}
+    assert states[ids[2]] is JobState.CANCELLED
+    assert all(states[i] in (JobState.FAILED, JobState.CANCELLED) for i in ids)
+
+
+# -- storage costs ----------------------------------------------------------------------------
+
+
+def test_one_input_and_one_outcome_object_per_chunk(tmp_path: Path) -> None:
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path), cleanup_bucket=False) as ex:
+        assert list(ex.map(triple, range(1000), chunksize=20)) == [3 * i for i in range(1000)]
+        run = Path(ex.run_url)
+    assert len(list((run / "chunks").iterdir())) == 50
+    assert len(list((run / "results").iterdir())) == 50
+    assert list((run / "logs").iterdir()) == []  # silent calls leave no log objects
+    assert not list(run.rglob("*.tmp-*"))
