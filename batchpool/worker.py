@@ -211,6 +211,8 @@ def serve(job_fd: int, event_fd: int) -> None:
     send({"ready": os.getpid()})
     for line in jobs:
         message = json.loads(line)
+        if message.get("stop"):
+            break
         os.environ.update(message["env"])
         error = ""
         try:

@@ -71,3 +71,14 @@ class Holder:
 def touch_after(gate: str, path: str) -> str:
     wait_for(gate)
     return touch(path)
+
+
+def die_leaving_a_child(pidfile: str) -> None:
+    """Fork a child that outlives this worker (holding its pipes), then die."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    os._exit(5)

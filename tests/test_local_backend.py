@@ -4,14 +4,16 @@ that a job ended, through real scripts and real worker processes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from calls import getpid, triple
+from calls import die_leaving_a_child, getpid, triple
 
 import batchpool
 from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
@@ -240,3 +242,56 @@ def test_one_input_and_one_outcome_object_per_chunk(tmp_path: Path) -> None:
     assert len(list((run / "results").iterdir())) == 50
     assert list((run / "logs").iterdir()) == []  # silent calls leave no log objects
     assert not list(run.rglob("*.tmp-*"))
+
+
+# -- regressions: jobs and workers that must never be lost ------------------------------------
+
+
+def test_a_job_done_before_its_sender_resumes_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batchpool.backends.local as local
+
+    real_send = local._send
+
+    def slow_send(worker, message):  # type: ignore[no-untyped-def]
+        ok = real_send(worker, message)
+        if "job" in message:
+            time.sleep(0.05)  # the worker answers "done" before this thread carries on
+        return ok
+
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as ex:
+        assert ex.submit(triple, 0).result() == 0  # the worker is ready
+        monkeypatch.setattr(local, "_send", slow_send)
+        assert [ex.submit(triple, i).result(timeout=30) for i in range(5)] == [0, 3, 6, 9, 12]
+
+
+def test_shutdown_returns_while_a_later_forked_process_holds_the_pipes(tmp_path: Path) -> None:
+    import concurrent.futures as cf
+    import multiprocessing
+    import threading
+
+    ex = BatchPoolExecutor(max_workers=1, storage=str(tmp_path))
+    assert ex.submit(triple, 1).result() == 3
+    forked = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    try:
+        assert forked.submit(triple, 1).result() == 3  # its worker inherited our fds
+        closer = threading.Thread(target=ex.shutdown)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "shutdown waited on a process it does not own"
+    finally:
+        forked.shutdown()
+
+
+def test_a_worker_death_is_seen_even_if_its_child_keeps_the_pipe_open(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path), max_attempts=1) as ex:
+        future = ex.submit(die_leaving_a_child, str(pidfile))
+        try:
+            with pytest.raises(WorkerLostError, match="code 5"):
+                future.result(timeout=20)  # the child lives 30 s: the pipe is no witness
+        finally:
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert ex.submit(triple, 2).result() == 6

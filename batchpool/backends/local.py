@@ -8,8 +8,12 @@ when a job ends, including when its worker dies.
 Concurrency: ``submit``, ``status`` and ``cancel`` are called from the
 executor's watcher thread (or the user's); one manager thread reads every
 worker's event pipe with a selector. Both sides take ``_lock`` around the job
-table, the queue and the worker list. A worker is dead when its event pipe
-reaches end-of-file, which happens the moment its process ends, however it ends.
+table, the queue, the worker list and each worker's ``job``.
+
+A worker's death is noticed the moment its process ends, however it ends: the
+selector also watches a pidfd of each worker (Linux), which becomes readable
+at exit even when a process the user's call forked still holds the worker's
+end of the event pipe; elsewhere, the event pipe's end-of-file tells.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +39,8 @@ from batchpool.errors import BackendError
 
 #: A worker that exits this many times in a row before it is ready breaks the pool.
 MAX_START_FAILURES = 3
+#: Seconds ``close`` lets idle workers take to exit before it kills them.
+CLOSE_GRACE = 2.0
 #: How many finished jobs the pool remembers the state of for ``status``.
 FINISHED_MEMORY = 100_000
 LOG_TAIL_LINES = 20
@@ -55,8 +62,10 @@ class _Worker:
     job_pipe: int  # we write job messages here
     event_pipe: int  # the worker writes ready/done messages here
     log_path: str
+    pidfd: int = -1  # readable once the process has ended (Linux); -1 elsewhere
     buffer: bytes = b""
     ready: bool = False
+    gone: bool = False
     job: _Job | None = None
 
 
@@ -111,6 +120,7 @@ class LocalBackend(Backend):
         self._scratch = tempfile.mkdtemp(prefix="batchpool-local-")
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._close_deadline = 0.0
         self._broken = ""  # why workers cannot start, once they cannot
         self._start_failures = 0
 
@@ -182,11 +192,14 @@ class LocalBackend(Backend):
             for job in queued:
                 del self._jobs[job.id]
             for worker in self._workers:
-                _close_fd(worker.job_pipe)  # an idle worker exits at end-of-file
+                # Ask in words: a process forked from ours since may hold the pipe open.
+                _send(worker, {"stop": True})
+                _close_fd(worker.job_pipe)
                 worker.job_pipe = -1
                 if worker.job is not None:
                     worker.job.cancelled = True
                     _kill(worker.proc)
+            self._close_deadline = time.monotonic() + CLOSE_GRACE
             thread = self._thread
         for job in queued:
             self._finish(job, JobState.CANCELLED, reason="the local backend was closed")
@@ -233,9 +246,12 @@ class LocalBackend(Backend):
             ) from exc
         os.close(job_r)
         os.close(event_w)
-        worker = _Worker(number, proc, job_w, event_r, log_path)
+        os.set_blocking(event_r, False)
+        worker = _Worker(number, proc, job_w, event_r, log_path, pidfd=_pidfd(proc.pid))
         self._workers.append(worker)
-        self._selector.register(event_r, selectors.EVENT_READ, worker)
+        self._selector.register(event_r, selectors.EVENT_READ, (worker, False))
+        if worker.pidfd >= 0:
+            self._selector.register(worker.pidfd, selectors.EVENT_READ, (worker, True))
         hello = {"sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path]}
         _send(worker, hello)
 
@@ -245,30 +261,49 @@ class LocalBackend(Backend):
                 return
             if worker.ready and worker.job is None and worker.job_pipe >= 0:
                 job = self._queue.popleft()
+                # Assign before sending: its "done" may be read the moment it is sent.
+                worker.job = job
                 message = {"job": job.id, "args": list(job.spec.args), "env": job.spec.env}
-                if _send(worker, message):
-                    worker.job = job
-                else:  # it died; its pipe's end-of-file will clean it up
+                if not _send(worker, message):  # it died; _on_exit will clean it up
+                    worker.job = None
                     worker.ready = False
                     self._queue.appendleft(job)
 
     def _manage(self) -> None:
         while True:
-            for key, _ in self._selector.select():
+            timeout = None
+            if self._closing:
+                timeout = max(0.0, self._close_deadline - time.monotonic())
+            for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     os.read(self._wake_r, 512)
-                else:
-                    self._on_readable(key.data)
+                    continue
+                worker, exited = key.data
+                if worker.gone:
+                    continue
+                if exited:  # the process ended: read what it said last, then bury it
+                    self._on_readable(worker)
+                    self._on_exit(worker)
+                elif not self._on_readable(worker):
+                    self._on_exit(worker)
             with self._lock:
                 if self._closing and not self._workers:
                     break
+                if self._closing and time.monotonic() >= self._close_deadline:
+                    for worker in self._workers:
+                        _kill(worker.proc)
         self._release()
 
-    def _on_readable(self, worker: _Worker) -> None:
-        data = os.read(worker.event_pipe, 65536)
+    def _on_readable(self, worker: _Worker) -> bool:
+        """Handle what the worker wrote; False at end-of-file."""
+        try:
+            data = os.read(worker.event_pipe, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
         if not data:
-            self._on_exit(worker)
-            return
+            return False
         worker.buffer += data
         *lines, worker.buffer = worker.buffer.split(b"\n")
         for line in lines:
@@ -280,12 +315,12 @@ class LocalBackend(Backend):
                     self._assign_locked()
             elif "done" in message:
                 self._on_done(worker, message.get("error", ""))
+        return True
 
     def _on_done(self, worker: _Worker, error: str) -> None:
-        job = worker.job
         log = _read(worker.log_path) if (error or self._echo) else b""
         with self._lock:
-            worker.job = None
+            job, worker.job = worker.job, None
             if job is not None:
                 del self._jobs[job.id]
         if job is None:
@@ -300,8 +335,11 @@ class LocalBackend(Backend):
             self._assign_locked()
 
     def _on_exit(self, worker: _Worker) -> None:
-        self._selector.unregister(worker.event_pipe)
-        _close_fd(worker.event_pipe)
+        worker.gone = True
+        for fd in (worker.event_pipe, worker.pidfd):
+            if fd >= 0:
+                self._selector.unregister(fd)
+                _close_fd(fd)
         returncode = worker.proc.wait()
         log = _read(worker.log_path)
         try:
@@ -371,6 +409,13 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         return f"LocalBackend(max_workers={self._max_workers})"
+
+
+def _pidfd(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: the event pipe's end-of-file tells
+        return -1
 
 
 def _send(worker: _Worker, message: dict[str, Any]) -> bool:
