@@ -21,6 +21,8 @@ MAX_COALESCE = 1024
 
 def common_length(iterables: Sequence[Iterable[Any]]) -> int | None:
     """How many tuples ``zip(*iterables)`` yields, when every iterable knows its length."""
+    if not iterables:
+        return 0  # zip() of nothing is empty
     try:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except TypeError:

@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from datetime import datetime, timezone
 from typing import Any
 
-from batchpool.backends.base import Backend, Resources, make_backend
+from batchpool.backends.base import THREAD_ENV, Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.future import BatchPoolFuture
-from batchpool.serialization import client_versions, get_serializer
-from batchpool.store import Store, open_storage
+from batchpool.serialization import SECRET_ENV, client_versions, get_serializer
+from batchpool.store import STORE_ENV, Store, open_storage
 from batchpool.watcher import CallGroup, Watcher, describe_callable
-from batchpool.worker import SECRET_ENV, STORE_ENV, THREAD_ENV
 
 # On Python 3.10 concurrent.futures.TimeoutError is not yet the builtin one: raise
 # something that both ``except`` clauses catch.

@@ -33,6 +33,9 @@ from typing import Any
 
 from batchpool.errors import IntegrityError, RemoteError, RemoteTraceback, SerializationError
 
+#: The job environment variable that carries the run secret (hex); never written to storage.
+SECRET_ENV = "BATCHPOOL_RUN_SECRET"
+
 MAGIC = b"BPF1"
 _DIGEST_SIZE = hashlib.sha256().digest_size
 ENVELOPE_PROTOCOL = 5

@@ -28,6 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 _FOLDERS = ("chunks", "results", "logs", "events", "blobs")
 
+#: The job environment variable through which a worker finds the run (``Store.spec()``).
+STORE_ENV = "BATCHPOOL_STORE"
+
 
 def default_storage_root() -> str:
     """Where runs go when no ``storage=`` is given: a folder in the user's cache dir."""

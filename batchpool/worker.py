@@ -28,7 +28,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from batchpool.backends.base import THREAD_ENV
 from batchpool.serialization import (
+    SECRET_ENV,
     SKIPPED,
     Entry,
     decode_chunk,
@@ -39,18 +41,9 @@ from batchpool.serialization import (
     unseal,
     value_entry,
 )
-from batchpool.store import Store
+from batchpool.store import STORE_ENV, Store
 
-STORE_ENV = "BATCHPOOL_STORE"
-SECRET_ENV = "BATCHPOOL_RUN_SECRET"
-#: Variables that cap the threads of numerical libraries, set from ``cpus_per_job``.
-THREAD_ENV = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
+__all__ = ["SECRET_ENV", "STORE_ENV", "THREAD_ENV", "main", "run_chunk", "run_job", "serve"]
 
 _stores: dict[str, Store] = {}
 
@@ -115,11 +108,12 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
 
 
 class _Capture:
-    """The output of one job, captured from file descriptors 1 and 2.
+    """The output of one job, captured from file descriptors 1 and 2 into a log file.
 
-    In a pool worker the parent already pointed 1 and 2 at a log file it can read
-    when the worker dies; a job truncates it when it starts. A one-job worker
-    points 1 and 2 at a temporary file for the job and puts them back after.
+    In a pool worker the log file is the one the parent gave as stdout, which it
+    reads when the worker dies. A one-job worker makes a temporary one and puts
+    the original descriptors back after the job. Every job starts by pointing 1
+    and 2 at the (emptied) log again, whatever a previous call did to them.
     """
 
     def __init__(self, own_file: bool) -> None:
@@ -128,21 +122,23 @@ class _Capture:
             import tempfile
 
             fd, path = tempfile.mkstemp(prefix="batchpool-", suffix=".log")
+            os.close(fd)
+            self._log = os.open(path, os.O_RDWR | os.O_APPEND)  # appends after a truncate
             os.unlink(path)
             self._saved = (os.dup(1), os.dup(2))
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
+        else:
+            self._log = os.dup(1)
 
     def begin(self) -> None:
         _flush()
-        os.ftruncate(1, 0)
-        os.lseek(1, 0, os.SEEK_SET)
+        os.dup2(self._log, 1)
+        os.dup2(self._log, 2)
+        os.ftruncate(self._log, 0)
 
     def end(self) -> bytes:
         _flush()
-        size = os.fstat(1).st_size
-        return os.pread(1, size, 0) if size else b""
+        size = os.fstat(self._log).st_size
+        return os.pread(self._log, size, 0) if size else b""
 
     def restore(self) -> bytes:
         """Put back the original descriptors; return what was captured."""
@@ -231,18 +227,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(int(argv[1]), int(argv[2]))
         return 0
     capture = _Capture(own_file=True)
-    status = 0
+    error, status = "", 0
     try:
         run_job(argv, os.environ, capture)
-    except SystemExit:
-        raise
+    except SystemExit as exc:  # bad arguments (argparse said why) or a missing variable
+        if isinstance(exc.code, int):
+            status = exc.code
+        else:
+            error = str(exc.code)
     except BaseException:
-        traceback.print_exc()
-        status = 1
+        error = traceback.format_exc()
     finally:
         log = capture.restore()
-        if log:  # the engine's own log of the job gets the calls' output too
-            os.write(1, log)
+    if log:  # the engine's own log of the job gets the calls' output too
+        os.write(1, log)
+    if error:  # the worker's own failure, after the calls' output, on stderr
+        sys.stderr.write(error.rstrip("\n") + "\n")
+        return 1
     return status
 
 

@@ -18,6 +18,15 @@ from typing import Any, ClassVar
 
 ENTRY_POINT_GROUP = "batchpool.backends"
 
+#: Variables that cap the threads of numerical libraries in a job, set from ``cpus_per_job``.
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
 
 class JobState(enum.Enum):
     PENDING = "PENDING"
