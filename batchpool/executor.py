@@ -137,6 +137,7 @@ class BatchPoolExecutor(cf.Executor):
         self.wait_on_exit = wait_on_exit
         self.cleanup_bucket = cleanup_bucket
 
+        fs, root = open_storage(storage, storage_options)
         owns_backend = not isinstance(backend, Backend)
         if backend is None or backend == "local":
             if max_workers is None:
@@ -160,7 +161,6 @@ class BatchPoolExecutor(cf.Executor):
         if max_workers is not None:
             capacity = max_workers
 
-        fs, root = open_storage(storage, storage_options)
         self._run_id = _run_id(name)
         store = Store(fs, f"{root}/{self._run_id}")
         secret = secrets.token_bytes(32)

@@ -59,8 +59,8 @@ def open_storage(
         storage = os.fspath(storage)
     if not isinstance(storage, str):
         raise TypeError(
-            f"storage= takes a path, an fsspec URL or an fsspec filesystem, "
-            f"not a {type(storage).__name__}"
+            f"storage= takes a path, an fsspec URL or an fsspec filesystem; "
+            f"got {storage!r} ({type(storage).__name__})"
         )
     if not storage:
         raise ValueError("storage='' names no place; give a folder or an fsspec URL")

@@ -565,3 +565,37 @@ def test_cleanup_bucket_false_keeps_the_run(tmp_path):
     assert "hello from call 5" in logs[0].read_text()
     assert len(list((folder / "chunks").iterdir())) == 1
     assert tmp_leftovers(folder) == []
+
+
+# -- the forms of storage= --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "pathlike", "file-url", "fs-and-root"])
+def test_storage_forms(tmp_path, form):
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "runs"
+    storage = {
+        "path": str(root),
+        "pathlike": root,
+        "file-url": f"file://{root}",
+        "fs-and-root": (LocalFileSystem(), str(root)),
+    }[form]
+    with BatchPoolExecutor(max_workers=1, storage=storage, cleanup_bucket=False) as ex:
+        assert ex.submit(abs, -4).result() == 4
+        assert ex.run_url.startswith(str(root) + "/")
+    assert len(list(root.glob("*/results/*.out"))) == 1
+
+
+@pytest.mark.parametrize(
+    "storage, error, words",
+    [
+        ("", ValueError, "names no place"),
+        (42, TypeError, r"got 42 \(int\)"),
+        (("not a filesystem", "root"), TypeError, "fsspec filesystem, root"),
+        ("nosuchprotocol://bucket/x", ValueError, "cannot be opened with fsspec"),
+    ],
+)
+def test_bad_storage_is_refused_clearly(storage, error, words):
+    with pytest.raises(error, match=words):
+        BatchPoolExecutor(storage=storage)
