@@ -25,8 +25,10 @@ import os
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -45,6 +47,16 @@ CLOSE_GRACE = 2.0
 FINISHED_MEMORY = 100_000
 LOG_TAIL_LINES = 20
 LOG_TAIL_BYTES = 8192
+
+
+# The folder batchpool is imported from. Workers of the same interpreter find an
+# installed batchpool by themselves; a source checkout must be put on their path,
+# but site-packages must never be put ahead of the standard library.
+_HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SOURCE_CHECKOUT = _HERE not in {
+    os.path.abspath(p)
+    for p in (*site.getsitepackages(), site.getusersitepackages(), *sysconfig.get_paths().values())
+}
 
 
 @dataclass(eq=False)
@@ -223,9 +235,8 @@ class LocalBackend(Backend):
         event_r, event_w = os.pipe()
         log_path = os.path.join(self._scratch, f"worker-{number}.log")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # The worker must import batchpool before it learns our sys.path.
-        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        if _SOURCE_CHECKOUT:  # the worker must import batchpool before it learns our sys.path
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_HERE, env.get("PYTHONPATH")]))
         try:
             with open(log_path, "a+b") as log:
                 proc = subprocess.Popen(
