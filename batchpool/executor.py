@@ -157,9 +157,14 @@ class BatchPoolExecutor(cf.Executor):
                 "Python; use a backend that runs containers to use an image",
                 stacklevel=2,
             )
-        capacity = min(max_workers or backend.max_parallel(), backend.max_parallel())
-        if max_workers is not None:
-            capacity = max_workers
+        # How many jobs may run at once, and how many the backend is handed at once.
+        # Only a backend that queues what it cannot run yet gets a second job per
+        # slot (so a worker never idles between jobs): any other would run it.
+        parallel = backend.max_parallel()
+        capacity = max_workers or parallel
+        if backend.bounded:
+            capacity = min(capacity, parallel)
+        in_flight = 2 * capacity if backend.bounded and parallel <= capacity else capacity
 
         self._run_id = _run_id(name)
         store = Store(fs, f"{root}/{self._run_id}")
@@ -213,6 +218,7 @@ class BatchPoolExecutor(cf.Executor):
             resources=Resources(cpus=cpus, image=image),
             run_name=self._run_id.rsplit("-", 3)[0],
             capacity=capacity,
+            in_flight=in_flight,
             max_attempts=max_attempts,
             cleanup=cleanup_bucket,
         )

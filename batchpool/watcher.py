@@ -12,8 +12,9 @@ thread through ``_events``: job events pushed by the backend, and wake-ups.
 
 A call's future is marked running when its chunk is handed to the backend, as
 the stdlib marks a call running when it enters the process pool's call queue;
-until then ``cancel()`` succeeds and the call never runs. At most ``2 * capacity``
-chunks are in flight, so a chunk waits in the backend only while another runs.
+until then ``cancel()`` succeeds and the call never runs. At most ``in_flight``
+chunks are handed to the backend at once: ``capacity`` (jobs that may run), or
+twice that for a backend that queues jobs itself, so no worker idles between jobs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ _WAKE = object()
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
 POLL_MIN, POLL_MAX = 0.05, 2.0
+#: Status queries that may fail in a row before the jobs in flight count as lost.
+MAX_STATUS_FAILURES = 10
 
 
 @dataclass(eq=False)
@@ -93,6 +96,7 @@ class Watcher:
         resources: Resources,
         run_name: str,
         capacity: int,
+        in_flight: int,
         max_attempts: int,
         cleanup: bool,
     ) -> None:
@@ -106,7 +110,7 @@ class Watcher:
         self._resources = resources
         self._run_name = run_name
         self.capacity = capacity
-        self._limit = 2 * capacity
+        self._limit = in_flight
         self._max_attempts = max_attempts
         self._cleanup = cleanup
         self._lock = threading.Lock()
@@ -117,6 +121,7 @@ class Watcher:
         self._stopping = False
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
         self._next_poll = time.monotonic() + self._poll_interval
+        self._status_failures = 0
         self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
         self._thread.start()
 
@@ -150,10 +155,6 @@ class Watcher:
     def join(self, timeout: float | None = None) -> None:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     def notify(self, event: JobEvent) -> None:
         """The backend's callback: a job's state changed."""
@@ -274,17 +275,31 @@ class Watcher:
         )
 
     def _poll(self) -> None:
+        """Ask the backend, in one query, for the state of every job in flight."""
+        reason = ""
         try:
             states = self.backend.status(list(self._inflight))
+            self._status_failures = 0
         except Exception as exc:
+            self._status_failures += 1
             log.warning("batchpool: %r could not report job states: %s", self.backend, exc)
             states = {}
+            if self._status_failures >= MAX_STATUS_FAILURES:
+                # A backend that cannot tell must not leave futures waiting forever:
+                # give up on these jobs (a retry gets its own count) and stop them.
+                reason = f"{self._status_failures} status queries in a row failed: {exc!r}"
+                states = dict.fromkeys(self._inflight, JobState.LOST)
+                self._status_failures = 0
+                try:
+                    self.backend.cancel(list(self._inflight))
+                except Exception as cancel_exc:
+                    log.warning("batchpool: cancelling jobs given up on failed: %s", cancel_exc)
         ended = 0
         for job_id, state in states.items():
             if state.is_final and job_id in self._inflight:
                 ended += 1
-                reason = f"the backend reports it {state.name}"
-                self._on_event(JobEvent(job_id, state, reason=reason))
+                why = reason or f"the backend reports it {state.name}"
+                self._on_event(JobEvent(job_id, state, reason=why))
         if not self.backend.notifies:
             self._poll_interval = POLL_MIN if ended else min(POLL_MAX, self._poll_interval * 2)
         self._next_poll = time.monotonic() + self._poll_interval
@@ -336,10 +351,11 @@ class Watcher:
         if event.state is JobState.CANCELLED:
             headline = f"the job running {chunk.describe()} was cancelled ({reason})"
         else:
+            attempts = f"{chunk.attempt} attempt{'s' if chunk.attempt != 1 else ''}"
             headline = (
-                f"{chunk.describe()} got no result after {chunk.attempt} "
-                f"attempt{'s' if chunk.attempt != 1 else ''}: the job ended without writing "
-                "one each time, so it was never the call raising an exception"
+                f"{chunk.describe()} got no result after {attempts}: each time its job ended, "
+                "or was lost, without writing one, so the job itself failed (an exception "
+                "raised by a call would have been that call's result)"
             )
         text = "\n".join([headline, *("  " + r for r in chunk.reasons)])
         if event.log_tail:
@@ -357,6 +373,11 @@ class Watcher:
             groups = list(self._pending)
             self._pending.clear()
         error = BatchPoolError(f"the executor's watcher thread failed: {type(exc).__name__}: {exc}")
+        if self._inflight:
+            try:
+                self.backend.cancel(list(self._inflight))
+            except Exception:
+                log.exception("batchpool: cancelling the jobs in flight failed")
         for chunk in [*self._inflight.values(), *self._retry]:
             self._fail(chunk, error)
         for group in groups:
@@ -367,8 +388,6 @@ class Watcher:
         self._retry.clear()
 
     def _close(self) -> None:
-        if self._inflight:
-            self.backend.cancel(list(self._inflight))
         if self._owns_backend:
             try:
                 self.backend.close()

@@ -295,3 +295,54 @@ def test_a_worker_death_is_seen_even_if_its_child_keeps_the_pipe_open(tmp_path: 
             if pidfile.exists():
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
         assert ex.submit(triple, 2).result() == 6
+
+
+def test_max_workers_holds_with_a_larger_backend_passed_in(tmp_path: Path) -> None:
+    from calls import wait_for
+    from conftest import Gate
+
+    gate = Gate(tmp_path / "gates")
+    backend = LocalBackend(max_workers=3)
+    try:
+        with BatchPoolExecutor(backend=backend, max_workers=1, storage=str(tmp_path)) as ex:
+            futures = [
+                ex.submit(wait_for, gate.path("go"), i, started=gate.path(f"s{i}"))
+                for i in range(4)
+            ]
+            deadline = time.monotonic() + 30
+            while not Path(gate.path("s0")).exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.3)  # time for a second call to start, were one allowed to
+            assert sum(Path(gate.path(f"s{i}")).exists() for i in range(4)) == 1
+            gate.open("go")
+            assert [f.result() for f in futures] == [0, 1, 2, 3]
+    finally:
+        backend.close()
+
+
+class StatusFails(PollOnly):
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        raise ConnectionError("scheduler unreachable")
+
+
+def test_a_backend_that_cannot_report_states_never_leaves_a_future_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from calls import wait_for
+
+    import batchpool.watcher as watcher
+
+    monkeypatch.setattr(watcher, "POLL_MAX", 0.05)  # keep the test short
+    monkeypatch.setattr(watcher, "MAX_STATUS_FAILURES", 3)
+    backend = StatusFails()
+    try:
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path), max_attempts=2) as ex:
+            # A finished job's outcome is in the store: it is still delivered.
+            assert ex.submit(triple, 1).result(timeout=30) == 3
+            # A job that never ends fails its call once the states stay unknown.
+            stuck = ex.submit(wait_for, str(tmp_path / "never"))
+            with pytest.raises(WorkerLostError, match="3 status queries in a row failed"):
+                stuck.result(timeout=30)
+    finally:
+        backend.close()

@@ -95,9 +95,13 @@ class Backend(abc.ABC):
     #: True when ``submit``'s ``notify`` is called for every job's end, so the
     #: executor need not poll ``status`` to learn of it quickly.
     notifies: ClassVar[bool] = False
+    #: True when the backend itself runs at most ``max_parallel()`` jobs at once and
+    #: queues the rest (a local pool); False when every job handed over may start.
+    bounded: ClassVar[bool] = False
 
     def max_parallel(self) -> int:
-        """How many jobs this engine runs at once for one executor, as a sizing hint."""
+        """How many jobs run at once: the pool size of a bounded backend, else a default
+        for sizing chunks when the executor gets no ``max_workers``."""
         return 64
 
     @abc.abstractmethod
