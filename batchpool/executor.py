@@ -169,6 +169,7 @@ class BatchPoolExecutor(cf.Executor):
         self._run_id = _run_id(name)
         store = Store(fs, f"{root}/{self._run_id}")
         secret = secrets.token_bytes(32)
+        versions = client_versions(self._serializer)
         threads = str(max(1, int(cpus)))
         job_env = {
             STORE_ENV: store.spec(),
@@ -193,7 +194,7 @@ class BatchPoolExecutor(cf.Executor):
                         "name": name,
                         "run_id": self._run_id,
                         "created": datetime.now(timezone.utc).isoformat(),
-                        "client": {**client_versions(self._serializer), "host": os.uname()[1]},
+                        "client": {**versions, "host": os.uname()[1]},
                         "backend": type(backend).__name__,
                         "settings": settings,
                     },
@@ -213,7 +214,7 @@ class BatchPoolExecutor(cf.Executor):
             owns_backend=owns_backend,
             serializer=self._serializer,
             secret=secret,
-            header=client_versions(self._serializer),
+            header=versions,
             job_env=job_env,
             resources=Resources(cpus=cpus, image=image),
             run_name=self._run_id.rsplit("-", 3)[0],
