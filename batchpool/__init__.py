@@ -15,6 +15,7 @@ from batchpool.errors import (
 )
 from batchpool.executor import BatchPoolExecutor
 from batchpool.future import BatchPoolFuture
+from batchpool.serialization import BlobRef
 
 __all__ = [
     "Backend",
@@ -22,6 +23,7 @@ __all__ = [
     "BatchPoolError",
     "BatchPoolExecutor",
     "BatchPoolFuture",
+    "BlobRef",
     "EnvironmentMismatchError",
     "IntegrityError",
     "JobSpec",

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -22,9 +23,19 @@ from batchpool.backends.base import THREAD_ENV, Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.future import BatchPoolFuture
-from batchpool.serialization import SECRET_ENV, client_versions, get_serializer
+from batchpool.serialization import (
+    SECRET_ENV,
+    BlobRef,
+    blob_digest,
+    client_versions,
+    describe_type,
+    get_serializer,
+)
 from batchpool.store import STORE_ENV, Store, open_storage
 from batchpool.watcher import CallGroup, Watcher, describe_callable
+
+#: One call's arguments, as pickled: ``(args, kwargs)``.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 # On Python 3.10 concurrent.futures.TimeoutError is not yet the builtin one: raise
 # something that both ``except`` clauses catch.
@@ -110,6 +121,11 @@ class BatchPoolExecutor(cf.Executor):
     - ``serializer``: ``"cloudpickle"`` (default) or ``"dill"``.
     - ``max_attempts``: how often a job that dies without a result is run (default 3).
       An exception raised by your function is a result and is never retried.
+    - ``blob_threshold``: an argument (or function) that pickles larger than this
+      many bytes (default 1 MiB) is stored once in the run's ``blobs/``, by content,
+      and each call refers to it; see ``put``.
+    - ``payload_warning``: warn when one argument pickles larger than this many
+      bytes (default 100 MB), naming it.
     """
 
     def __init__(
@@ -127,10 +143,14 @@ class BatchPoolExecutor(cf.Executor):
         storage_options: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
         max_attempts: int = 3,
+        blob_threshold: int = 1 << 20,
+        payload_warning: int = 100 * 10**6,
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
         _check_positive_int("max_attempts", max_attempts)
+        self._blob_threshold = _check_positive_int("blob_threshold", blob_threshold)
+        self._payload_warning = _check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._serializer = get_serializer(serializer)
         self.name = name
@@ -206,6 +226,8 @@ class BatchPoolExecutor(cf.Executor):
                 backend.close()
             raise
         self._store = store
+        self._blob_lock = threading.Lock()
+        self._blobs_written: set[str] = set()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._watcher = Watcher(
@@ -249,10 +271,81 @@ class BatchPoolExecutor(cf.Executor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not a {type(fn).__name__}")
         self._check_open()
-        payload = self._serializer.dumps((fn, [(args, kwargs)]))
+        payload = self._pickle_group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
         self._enqueue(CallGroup(payload, [future], describe_callable(fn)))
         return future
+
+    def put(self, obj: Any) -> BlobRef:
+        """Store ``obj`` once in the run and return a small handle to pass to any call.
+
+        In a job the handle is replaced by the object, loaded once per worker
+        process and shared by the calls it runs: treat it as read-only.
+        """
+        self._check_open()
+        return self._store_blob(obj, self._serializer.dumps(obj))
+
+    # -- what travels ------------------------------------------------------------------------
+
+    def _pickle_group(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
+        """The payload of calls sharing ``fn``; large arguments travel as blobs.
+
+        Small calls are pickled once, whole. When that is large, or an argument is
+        large at a glance (``sys.getsizeof``: arrays, bytes, strings), each argument
+        is pickled on its own and the large ones are replaced by blob references.
+        An object passed to many calls of one group is pickled once.
+        """
+        limit = min(self._blob_threshold, self._payload_warning)
+        if not any(
+            sys.getsizeof(a) > limit for args, kwargs in calls for a in (*args, *kwargs.values())
+        ):
+            payload = self._serializer.dumps((fn, calls))
+            if len(payload) <= limit:
+                return payload
+            del payload
+        label = describe_callable(fn)
+        seen: dict[int, Any] = {}  # id -> what replaces it; every object here stays alive
+
+        def lean(obj: Any, where: str) -> Any:
+            if id(obj) not in seen:
+                seen[id(obj)] = self._maybe_blob(obj, where, label)
+            return seen[id(obj)]
+
+        fn = lean(fn, "the function")
+        lean_calls: list[Call] = []
+        for i, (args, kwargs) in enumerate(calls):
+            item = f"item {i}: " if len(calls) > 1 else ""
+            lean_args = tuple(lean(a, f"{item}args[{j}]") for j, a in enumerate(args))
+            lean_kwargs = {k: lean(v, f"{item}kwargs[{k!r}]") for k, v in kwargs.items()}
+            lean_calls.append((lean_args, lean_kwargs))
+        return self._serializer.dumps((fn, lean_calls))
+
+    def _maybe_blob(self, obj: Any, where: str, label: str) -> Any:
+        """``obj``, or a BlobRef to it when it pickles larger than the blob threshold."""
+        if isinstance(obj, BlobRef):
+            return obj
+        data = self._serializer.dumps(obj)
+        if len(data) > self._payload_warning:
+            warnings.warn(
+                f"{where} of the call to {label} pickles to {len(data) / 1e6:,.0f} MB "
+                f"(a {describe_type(obj)}); it is stored once per run, but consider passing "
+                "a path and loading it in the job",
+                stacklevel=5,
+            )
+        if len(data) <= self._blob_threshold:
+            return obj
+        return self._store_blob(obj, data)
+
+    def _store_blob(self, obj: Any, data: bytes) -> BlobRef:
+        """Write ``data`` (``obj`` pickled) to ``blobs/`` unless this run already has it."""
+        ref = BlobRef(blob_digest(data), len(data), describe_type(obj))
+        with self._blob_lock:
+            known = ref.digest in self._blobs_written
+        if not known:
+            self._store.put(self._store.blob_key(ref.digest), data)
+            with self._blob_lock:
+                self._blobs_written.add(ref.digest)
+        return ref
 
     def map(
         self,
@@ -300,12 +393,10 @@ class BatchPoolExecutor(cf.Executor):
         if chunksize is None and length is not None:
             chunksize = auto_chunksize(length, self._watcher.capacity)
         chunks = iter_chunks(items, chunksize)
-        pickled_fn = self._serializer.dumps(fn)  # fails early, with fn alone to blame
-        del pickled_fn
         label = describe_callable(fn)
 
         def submit_chunk(chunk: list[tuple[Any, ...]]) -> list[BatchPoolFuture]:
-            payload = self._serializer.dumps((fn, [(args, {}) for args in chunk]))
+            payload = self._pickle_group(fn, [(args, {}) for args in chunk])
             futures = [BatchPoolFuture() for _ in chunk]
             self._enqueue(CallGroup(payload, futures, label, fixed=True))
             return futures

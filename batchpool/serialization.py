@@ -90,6 +90,52 @@ def get_serializer(name: str) -> Serializer:
     return Serializer(name, str(module.__version__), dumps, module.loads)
 
 
+# -- blobs: objects stored once, referenced from any number of calls ------------------------
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A handle to an object stored once in the run's ``blobs/``, by content.
+
+    Pass it to any call, as an argument or inside one: in the job it is replaced
+    by the object, loaded once per worker process and then shared by every call
+    that worker runs (treat it as read-only). ``BatchPoolExecutor.put`` makes
+    one; arguments that pickle larger than the executor's ``blob_threshold``
+    become one automatically.
+    """
+
+    digest: str
+    size: int
+    type_name: str
+
+    def __repr__(self) -> str:
+        return f"<batchpool blob: {self.type_name}, {self.size:,} bytes, {self.digest[:12]}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_resolve_blob, (self.digest, self.size, self.type_name))
+
+
+#: Set by the worker while it runs a chunk: turns a BlobRef into its object.
+blob_resolver: Callable[[BlobRef], Any] | None = None
+
+
+def _resolve_blob(digest: str, size: int, type_name: str) -> Any:
+    ref = BlobRef(digest, size, type_name)
+    return ref if blob_resolver is None else blob_resolver(ref)
+
+
+def blob_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe_type(obj: Any) -> str:
+    """``obj``'s class as ``module.Name`` (just ``Name`` for builtins)."""
+    cls = type(obj)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 # -- frames -------------------------------------------------------------------------------
 
 
@@ -162,12 +208,6 @@ def decode_outcome(body: bytes) -> tuple[dict[str, Any], list[Entry]]:
     return meta, entries
 
 
-def _type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-
-
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -189,7 +229,7 @@ def error_entry(exc: BaseException, serializer: Serializer) -> Entry:
         serializer.loads(payload)
     except BaseException:
         payload = None
-    return (ERROR, payload, _type_name(exc), _safe_str(exc), tb)
+    return (ERROR, payload, describe_type(exc), _safe_str(exc), tb)
 
 
 def value_entry(value: Any, serializer: Serializer, call: str) -> Entry:
@@ -198,7 +238,7 @@ def value_entry(value: Any, serializer: Serializer, call: str) -> Entry:
         return (OK, serializer.dumps(value))
     except BaseException as exc:
         error = SerializationError(
-            f"the result of {call} (a {type(value).__module__}.{type(value).__qualname__}) "
+            f"the result of {call} (a {describe_type(value)}) "
             f"could not be pickled on the worker: {type(exc).__name__}: {_safe_str(exc)}; "
             "return something picklable (plain data, or a path to what the job wrote)"
         )

@@ -17,6 +17,7 @@ Two ways to start it:
 from __future__ import annotations
 
 import argparse
+import collections
 import faulthandler
 import json
 import os
@@ -28,11 +29,17 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
+from batchpool.errors import EnvironmentMismatchError, IntegrityError
 from batchpool.serialization import (
     SECRET_ENV,
     SKIPPED,
+    BlobRef,
     Entry,
+    Group,
+    Serializer,
+    blob_digest,
     decode_chunk,
     encode_outcome,
     error_entry,
@@ -44,6 +51,10 @@ from batchpool.serialization import (
 from batchpool.store import STORE_ENV, Store
 
 __all__ = ["SECRET_ENV", "STORE_ENV", "THREAD_ENV", "main", "run_chunk", "run_job", "serve"]
+
+#: How many bytes (pickled size) of loaded blobs a worker process keeps for later calls.
+BLOB_CACHE_ENV = "BATCHPOOL_BLOB_CACHE_BYTES"
+DEFAULT_BLOB_CACHE_BYTES = 1 << 30
 
 _stores: dict[str, Store] = {}
 
@@ -63,6 +74,92 @@ def _store_from_env(env: Any) -> tuple[Store, bytes]:
     return store, secret
 
 
+class BlobCache:
+    """Objects loaded from ``blobs/``, kept per process, least recently used first out.
+
+    A chunk of 1,000 calls sharing one large argument loads it once; so does every
+    later chunk this process runs. Each blob is checked against its content hash
+    (which the signed chunk named) before it is unpickled.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, tuple[Any, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self.loads = 0  # blobs read from storage by this process
+
+    def get(self, store: Store, serializer: Serializer, ref: BlobRef) -> Any:
+        hit = self._items.get(ref.digest)
+        if hit is not None:
+            self._items.move_to_end(ref.digest)
+            return hit[0]
+        key = store.blob_key(ref.digest)
+        try:
+            data = store.get(key)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{key} ({ref.type_name}) is missing from the run: it was deleted, or the job "
+                "reads another run's storage"
+            ) from None
+        if blob_digest(data) != ref.digest:
+            raise IntegrityError(
+                f"{key} does not hold the content its name promises: it was changed in "
+                "storage, and was not unpickled"
+            )
+        obj = serializer.loads(data)
+        self.loads += 1
+        self._items[ref.digest] = (obj, len(data))
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, size) = self._items.popitem(last=False)
+            self._bytes -= size
+        return obj
+
+
+_blob_cache = BlobCache(int(os.environ.get(BLOB_CACHE_ENV, DEFAULT_BLOB_CACHE_BYTES)))
+
+
+def environment_mismatch(header: dict[str, Any]) -> str:
+    """Why this worker cannot read what the client pickled, or "" when it can."""
+    client_python = ".".join(header["python"].split(".")[:2])
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    hint = (
+        "run the workers with the client's Python and serializer (the backend's image= or "
+        "python=), or the client with the workers'"
+    )
+    if client_python != here:
+        return (
+            f"the client pickled these calls with Python {header['python']}, but this worker "
+            f"runs Python {sys.version.split()[0]}: pickled functions do not carry across "
+            f"Python versions; {hint}"
+        )
+    name = header["serializer"]
+    try:
+        serializer = get_serializer(name)
+    except ImportError:
+        return f"the client pickled with {name}, which this worker does not have; {hint}"
+    if serializer.major != header["serializer_version"].split(".")[0]:
+        return (
+            f"the client pickled with {name} {header['serializer_version']}, but this worker "
+            f"has {name} {serializer.version}; {hint}"
+        )
+    return ""
+
+
+def _load_error(exc: BaseException, calls: str) -> BaseException:
+    """The error for calls that could not be unpickled, with what to do about it."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        error = ModuleNotFoundError(
+            f"the worker cannot import {exc.name!r}, needed to unpickle {calls}: install it in "
+            f"the worker's environment (the backend's image=, python= or env_script=), or "
+            f"make it importable there",
+            name=exc.name,
+        )
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 def _call_name(fn: Any) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return f"{name}()" if name else repr(fn)
@@ -73,13 +170,41 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
     started = time.time()
     key = store.chunk_key(chunk_id)
     header, groups = decode_chunk(unseal(secret, key, store.get(key)))
-    serializer = get_serializer(header["serializer"])
+    mismatch = environment_mismatch(header)
+    serializer = get_serializer("cloudpickle" if mismatch else header["serializer"])
     entries: list[Entry] = []
+    loads_before = _blob_cache.loads
+    serialization.blob_resolver = lambda ref: _blob_cache.get(store, serializer, ref)
+    try:
+        if mismatch:
+            failed = error_entry(EnvironmentMismatchError(mismatch), serializer)
+            entries = [failed] * sum(n_calls for n_calls, _, _ in groups)
+        else:
+            _run_groups(groups, serializer, entries)
+    finally:
+        serialization.blob_resolver = None
+    meta = {
+        "chunk": chunk_id,
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "ended": time.time(),
+        "blobs_loaded": _blob_cache.loads - loads_before,
+    }
+    result_key = store.result_key(chunk_id, attempt)
+    store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
+    return len(entries)
+
+
+def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry]) -> None:
+    """Run each group's calls, appending one outcome entry per call to ``entries``."""
     for n_calls, payload, skip in groups:
         try:
             fn, calls = serializer.loads(payload)
         except BaseException as exc:
-            entries.extend([error_entry(exc, serializer)] * n_calls)
+            error = _load_error(exc, f"{n_calls} call{'s' if n_calls != 1 else ''}")
+            entries.extend([error_entry(error, serializer)] * n_calls)
             continue
         name = _call_name(fn)
         skipped = frozenset(skip)
@@ -94,17 +219,6 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
             else:
                 entries.append(value_entry(value, serializer, name))
                 del value  # the result must not outlive its pickled entry
-    meta = {
-        "chunk": chunk_id,
-        "attempt": attempt,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": started,
-        "ended": time.time(),
-    }
-    result_key = store.result_key(chunk_id, attempt)
-    store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
-    return len(entries)
 
 
 class _Capture:
