@@ -22,6 +22,7 @@ from typing import Any
 from batchpool.backends.base import THREAD_ENV, Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
+from batchpool.diagnostics import explain_pickling_error
 from batchpool.future import BatchPoolFuture
 from batchpool.serialization import (
     SECRET_ENV,
@@ -283,11 +284,35 @@ class BatchPoolExecutor(cf.Executor):
         process and shared by the calls it runs: treat it as read-only.
         """
         self._check_open()
-        return self._store_blob(obj, self._serializer.dumps(obj))
+        try:
+            data = self._dumps(obj)
+        except _PickleFailed as failed:
+            dumps = self._serializer.dumps
+            error = explain_pickling_error("put(obj)", _put, [((obj,), {})], dumps, failed.error)
+        else:
+            return self._store_blob(obj, data)
+        raise error
 
     # -- what travels ------------------------------------------------------------------------
 
-    def _pickle_group(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
+    def _dumps(self, obj: Any) -> bytes:
+        try:
+            return self._serializer.dumps(obj)
+        except Exception as exc:
+            raise _PickleFailed(exc) from exc
+
+    def _pickle_group(self, fn: Callable[..., Any], calls: list[Call], call: str = "") -> bytes:
+        """The payload of calls sharing ``fn``; a SerializationError naming the culprit
+        when something in them cannot be pickled."""
+        try:
+            return self._pickle_lean(fn, calls)
+        except _PickleFailed as failed:
+            label = call or describe_callable(fn)
+            dumps = self._serializer.dumps
+            error = explain_pickling_error(label, fn, calls, dumps, failed.error)
+        raise error  # outside the except block: the culprit is the cause, not a context
+
+    def _pickle_lean(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
         """The payload of calls sharing ``fn``; large arguments travel as blobs.
 
         Small calls are pickled once, whole. When that is large, or an argument is
@@ -299,7 +324,7 @@ class BatchPoolExecutor(cf.Executor):
         if not any(
             sys.getsizeof(a) > limit for args, kwargs in calls for a in (*args, *kwargs.values())
         ):
-            payload = self._serializer.dumps((fn, calls))
+            payload = self._dumps((fn, calls))
             if len(payload) <= limit:
                 return payload
             del payload
@@ -318,19 +343,19 @@ class BatchPoolExecutor(cf.Executor):
             lean_args = tuple(lean(a, f"{item}args[{j}]") for j, a in enumerate(args))
             lean_kwargs = {k: lean(v, f"{item}kwargs[{k!r}]") for k, v in kwargs.items()}
             lean_calls.append((lean_args, lean_kwargs))
-        return self._serializer.dumps((fn, lean_calls))
+        return self._dumps((fn, lean_calls))
 
     def _maybe_blob(self, obj: Any, where: str, label: str) -> Any:
         """``obj``, or a BlobRef to it when it pickles larger than the blob threshold."""
         if isinstance(obj, BlobRef):
             return obj
-        data = self._serializer.dumps(obj)
+        data = self._dumps(obj)
         if len(data) > self._payload_warning:
             warnings.warn(
                 f"{where} of the call to {label} pickles to {len(data) / 1e6:,.0f} MB "
                 f"(a {describe_type(obj)}); it is stored once per run, but consider passing "
                 "a path and loading it in the job",
-                stacklevel=5,
+                stacklevel=6,
             )
         if len(data) <= self._blob_threshold:
             return obj
@@ -395,8 +420,14 @@ class BatchPoolExecutor(cf.Executor):
         chunks = iter_chunks(items, chunksize)
         label = describe_callable(fn)
 
+        first_item = itertools.count()
+
         def submit_chunk(chunk: list[tuple[Any, ...]]) -> list[BatchPoolFuture]:
-            payload = self._pickle_group(fn, [(args, {}) for args in chunk])
+            start = next(first_item)
+            for _ in range(len(chunk) - 1):
+                next(first_item)
+            where = f"{label} in map() (the chunk of items {start} to {start + len(chunk) - 1})"
+            payload = self._pickle_group(fn, [(args, {}) for args in chunk], where)
             futures = [BatchPoolFuture() for _ in chunk]
             self._enqueue(CallGroup(payload, futures, label, fixed=True))
             return futures
@@ -511,6 +542,19 @@ def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
             raise _MapTimeout("map() did not finish within its timeout") from None
     finally:
         del future
+
+
+class _PickleFailed(Exception):
+    """Carries a serializer's error out of the pickling code to the diagnosis."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _put(obj: Any) -> Any:
+    """What ``put`` is described as, for diagnostics: a call taking the object."""
+    return obj
 
 
 class AsyncMap:

@@ -281,3 +281,59 @@ def test_a_module_missing_on_the_worker_is_named_with_a_hint(
     assert info.value.name == "vanishing_mod"
     assert "the worker cannot import 'vanishing_mod'" in str(info.value)
     assert "install it in the worker's environment" in str(info.value)
+
+
+# -- a pickling problem is named at submit time ------------------------------------------------
+
+GLOBAL_LOCK = __import__("threading").Lock()
+
+
+class Settings:
+    def __init__(self) -> None:
+        import threading
+
+        self.client = threading.Lock()
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+def test_pickling_errors_are_raised_at_once_naming_the_culprit(
+    tmp_path: Path, serializer: str
+) -> None:
+    import asyncio
+    import threading
+
+    from batchpool import SerializationError
+
+    def uses_global(x: int) -> int:
+        with GLOBAL_LOCK:
+            return x
+
+    uses_global.__module__ = "__main__"  # pickled by value, as a script's function is
+    bad = threading.Lock() if serializer == "cloudpickle" else ProxyLike()
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path), serializer=serializer) as ex:
+        with pytest.raises(SerializationError, match=r"kwargs\['cfg'\]"):
+            ex.submit(size_plus, b"", cfg={"x": bad})
+        with pytest.raises(SerializationError, match=r"chunk of items 2 to 3\): item 1: args\[0\]"):
+            ex.map(size_plus, [b"a", b"b", b"c", bad], chunksize=2)
+        with pytest.raises(SerializationError, match=r"put\(obj\): args\[0\]\['a'\]\[1\]"):
+            ex.put({"a": [1, bad]})
+
+        async def via_asyncio() -> None:
+            with pytest.raises(SerializationError, match=r"args\[0\]"):
+                await ex.async_submit(size_plus, bad)
+
+        asyncio.run(via_asyncio())
+        if serializer == "cloudpickle":
+            with pytest.raises(SerializationError, match="global 'GLOBAL_LOCK'") as info:
+                ex.submit(uses_global, 1)
+            assert isinstance(info.value.__cause__, TypeError)
+            with pytest.raises(SerializationError, match=r"self\.client|args\[0\]\.client"):
+                ex.submit(size_plus, Settings())
+        assert ex.submit(size_plus, b"still works").result() == 11  # nothing was queued
+
+
+class ProxyLike:
+    """Like wrapt's ObjectProxy: refuses every pickler, dill included."""
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise NotImplementedError("object proxy must define __reduce_ex__()")
