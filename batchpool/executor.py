@@ -22,6 +22,7 @@ from typing import Any
 from batchpool.backends.base import THREAD_ENV, Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
+from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
 from batchpool.future import BatchPoolFuture
 from batchpool.serialization import (
@@ -127,6 +128,11 @@ class BatchPoolExecutor(cf.Executor):
       and each call refers to it; see ``put``.
     - ``payload_warning``: warn when one argument pickles larger than this many
       bytes (default 100 MB), naming it.
+    - ``ship_code``: pickle functions and classes of your own modules (``__main__``
+      and source files that are not installed packages) by value, so workers that
+      cannot import them run them anyway. Default: on for backends whose workers do
+      not share this machine's files (``Backend.shares_client_code``), off for the
+      local pool, which imports them as ``ProcessPoolExecutor`` does.
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class BatchPoolExecutor(cf.Executor):
         max_attempts: int = 3,
         blob_threshold: int = 1 << 20,
         payload_warning: int = 100 * 10**6,
+        ship_code: bool | None = None,
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
@@ -172,6 +179,7 @@ class BatchPoolExecutor(cf.Executor):
                 f"not a {type(backend).__name__}"
             )
         self._backend = backend
+        self._ship_code = not backend.shares_client_code if ship_code is None else ship_code
         if image is not None and isinstance(backend, LocalBackend):
             warnings.warn(
                 f"image={image!r} is ignored: the local backend runs jobs with this machine's "
@@ -284,6 +292,8 @@ class BatchPoolExecutor(cf.Executor):
         process and shared by the calls it runs: treat it as read-only.
         """
         self._check_open()
+        if self._ship_code:
+            ship_user_code(self._serializer.name, [obj])
         try:
             data = self._dumps(obj)
         except _PickleFailed as failed:
@@ -304,6 +314,8 @@ class BatchPoolExecutor(cf.Executor):
     def _pickle_group(self, fn: Callable[..., Any], calls: list[Call], call: str = "") -> bytes:
         """The payload of calls sharing ``fn``; a SerializationError naming the culprit
         when something in them cannot be pickled."""
+        if self._ship_code:
+            ship_user_code(self._serializer.name, [fn, *(part for c in calls[:1] for part in c)])
         try:
             return self._pickle_lean(fn, calls)
         except _PickleFailed as failed:

@@ -31,6 +31,7 @@ from typing import Any
 
 from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
+from batchpool.codeship import prepare_worker
 from batchpool.errors import EnvironmentMismatchError, IntegrityError
 from batchpool.serialization import (
     SECRET_ENV,
@@ -172,6 +173,7 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
     header, groups = decode_chunk(unseal(secret, key, store.get(key)))
     mismatch = environment_mismatch(header)
     serializer = get_serializer("cloudpickle" if mismatch else header["serializer"])
+    prepare_worker(serializer.name)
     entries: list[Entry] = []
     loads_before = _blob_cache.loads
     serialization.blob_resolver = lambda ref: _blob_cache.get(store, serializer, ref)

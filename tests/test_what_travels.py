@@ -337,3 +337,92 @@ class ProxyLike:
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise NotImplementedError("object proxy must define __reduce_ex__()")
+
+
+# -- the user's own code runs where it cannot be imported ---------------------------------------
+
+
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """A package of the user's that only this process can import; returns its ``shapes``.
+
+    Shipping by value is registered process-wide, so each test uses its own name."""
+    folder = tmp_path / "src" / name
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("from .shapes import Point\nSCALE = 3\n")
+    (folder / "shapes.py").write_text(
+        textwrap.dedent(
+            f"""
+            from dataclasses import dataclass
+
+            import {name}
+
+            @dataclass
+            class Point:
+                x: int
+                y: int
+
+                def scaled(self):
+                    return Point(self.x * {name}.SCALE, self.y * {name}.SCALE)
+
+            def norm1(p):
+                return abs(p.x) + abs(p.y)
+
+            def make(x):
+                return Point(x, -x).scaled()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(folder.parent))
+    import importlib
+
+    return importlib.import_module(f"{name}.shapes")
+
+
+@pytest.fixture(autouse=True)
+def _forget_user_packages() -> Any:
+    yield
+    for module in [m for m in sys.modules if m.startswith("userpkg_")]:
+        del sys.modules[module]
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+def test_user_code_runs_on_workers_that_cannot_import_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serializer: str
+) -> None:
+    from foreign import ForeignProcessBackend
+
+    name = f"userpkg_{serializer}"
+    shapes = user_package(tmp_path, monkeypatch, name)
+    backend = ForeignProcessBackend()
+    can_import = subprocess.run(
+        [sys.executable, "-c", f"import {name}"],
+        cwd=backend.folder,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_output=True,
+    )
+    assert can_import.returncode != 0  # the workers' environment has no user package
+    try:
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path), serializer=serializer) as ex:
+            assert ex.submit(shapes.norm1, shapes.Point(2, -5)).result() == 7
+            made = list(ex.map(shapes.make, [1, 2]))
+            assert [(p.x, p.y) for p in made] == [(3, -3), (6, -6)]
+            if serializer == "cloudpickle":  # dill returns a rebuilt copy of the class
+                assert all(isinstance(p, shapes.Point) for p in made)
+    finally:
+        backend.close()
+
+
+def test_without_shipping_the_worker_names_the_missing_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from foreign import ForeignProcessBackend
+
+    shapes = user_package(tmp_path, monkeypatch, "userpkg_unshipped")
+    backend = ForeignProcessBackend()
+    try:
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path), ship_code=False) as ex:
+            with pytest.raises(ModuleNotFoundError, match="cannot import 'userpkg_unshipped'") as e:
+                ex.submit(shapes.norm1, shapes.Point(1, 1)).result()
+            assert e.value.name == "userpkg_unshipped"
+    finally:
+        backend.close()

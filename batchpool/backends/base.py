@@ -98,6 +98,9 @@ class Backend(abc.ABC):
     #: True when the backend itself runs at most ``max_parallel()`` jobs at once and
     #: queues the rest (a local pool); False when every job handed over may start.
     bounded: ClassVar[bool] = False
+    #: True when jobs run where the client's files and ``sys.path`` are (a local
+    #: pool): the user's own modules are then imported there, not shipped by value.
+    shares_client_code: ClassVar[bool] = False
 
     def max_parallel(self) -> int:
         """How many jobs run at once: the pool size of a bounded backend, else a default

@@ -108,6 +108,7 @@ class LocalBackend(Backend):
     name = "local"
     notifies = True
     bounded = True
+    shares_client_code = True
 
     def __init__(
         self, max_workers: int | None = None, *, python: str | None = None, echo_output: bool = True
