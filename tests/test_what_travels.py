@@ -426,3 +426,32 @@ def test_without_shipping_the_worker_names_the_missing_module(
             assert e.value.name == "userpkg_unshipped"
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+def test_shared_data_and_put_on_workers_in_a_foreign_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serializer: str
+) -> None:
+    from foreign import ForeignProcessBackend
+
+    shapes = user_package(tmp_path, monkeypatch, f"userpkg_blobs_{serializer}")
+    big = os.urandom(2 * 2**20)
+    backend = ForeignProcessBackend()
+    try:
+        with BatchPoolExecutor(
+            backend=backend, storage=str(tmp_path / "runs"), serializer=serializer
+        ) as ex:
+            ref = ex.put([shapes.Point(1, 2), shapes.Point(3, 4)])
+            assert ex.submit(lambda pts: sum(map(shapes.norm1, pts)), ref).result() == 10
+            sizes = list(ex.map(size_plus, [big] * 6, range(6), chunksize=2))
+            assert sizes == [len(big) + i for i in range(6)]
+            assert len(list(Path(ex.run_url, "blobs").iterdir())) == 2
+    finally:
+        backend.close()
+
+
+def test_a_worker_with_another_dill_major_fails_the_calls(tmp_path: Path) -> None:
+    header = {**client_versions(get_serializer("dill")), "serializer_version": "99.1"}
+    [(ok, error), _] = run_worker_on(tmp_path, header)
+    assert not ok and isinstance(error, EnvironmentMismatchError)
+    assert "dill 99.1" in str(error) and f"dill {get_serializer('dill').version}" in str(error)
