@@ -161,6 +161,14 @@ def _path_kind(path: Path) -> str | None:
     return None
 
 
+def _item_step(key: Any) -> _Step:
+    """The path step to a mapping's value: ``['key']``, or a description of an odd key."""
+    text = _key_text(key)
+    if text is not None:
+        return _access(f"[{text}]")
+    return _named("key", f"the value of a {_type_name(type(key))} key")
+
+
 def _key_text(key: Any) -> str | None:
     """``'name'`` or ``3``: a dict key written as Python, when that is short and exact."""
     literal = type(key) in _LITERAL_TYPES or (
@@ -362,13 +370,7 @@ def _container_parts(obj: Any, path: Path) -> Parts | None:
         for i, (key, value) in enumerate(dict.items(obj)):
             if i >= MAX_CHILDREN:
                 break
-            text = _key_text(key)
-            step = (
-                _access(f"[{text}]")
-                if text is not None
-                else _named("key", f"the value of a {_type_name(type(key))} key")
-            )
-            parts.append((_then(path, step), value))
+            parts.append((_then(path, _item_step(key)), value))
             keys.append(key)
         parts.extend((_then(path, _named("key", "a key of the dict")), key) for key in keys)
     elif issubclass(cls, set | frozenset):
@@ -430,13 +432,7 @@ def _state_parts(obj: Any, path: Path) -> Parts | None:
         for i, (key, value) in enumerate(dictitems):
             if i >= MAX_CHILDREN:
                 break
-            text = _key_text(key)
-            step = (
-                _access(f"[{text}]")
-                if text is not None
-                else _named("key", f"the value of a {_type_name(type(key))} key")
-            )
-            parts.append((_then(path, step), value))
+            parts.append((_then(path, _item_step(key)), value))
     if isinstance(args, tuple):
         start = 1 if getattr(constructor, "__name__", "") in ("__newobj__", "__newobj_ex__") else 0
         for i, arg in enumerate(args[start:MAX_CHILDREN], start):
