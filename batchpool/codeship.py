@@ -96,6 +96,7 @@ Shared limits
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.machinery
 import os
@@ -411,7 +412,7 @@ def _module_reduction(module: types.ModuleType) -> tuple[Any, ...]:
     return types.ModuleType, (module.__name__,), state
 
 
-class _Hook:
+class _Hook(abc.ABC):
     """What a serializer needs so that the packages registered with it go by value."""
 
     serializer = ""
@@ -449,8 +450,9 @@ class _Hook:
             self._install()
             self.installed = True
 
+    @abc.abstractmethod
     def _install(self) -> None:
-        raise NotImplementedError
+        """Hook this serializer: called once, on first use."""
 
     def uninstall(self) -> None:
         self.packages.clear()
