@@ -12,24 +12,123 @@ This module is the only place that knows where things live::
 
 Every write is atomic: on filesystems with rename (local disks, NFS mounts) the
 bytes go to a temporary name in the same folder and are renamed into place; on
-object stores one PUT is already all-or-nothing.
+object stores one PUT (or one completed multipart upload) is all-or-nothing.
+
+Every operation is retried with exponential backoff and jitter, within a
+deadline, when it fails in a way that passes (a connection reset, a timeout,
+HTTP 408, 429 or 5xx, as gcsfs, s3fs, aiohttp and botocore report them). Any
+other failure is raised at once as a ``StorageError`` naming the operation and
+the URL; a missing object stays a ``FileNotFoundError``, which callers expect.
+Writes are whole-object and idempotent, so a retried write cannot corrupt one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
 import json
+import logging
 import os
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from batchpool.errors import BatchPoolError
+
+log = logging.getLogger("batchpool")
+T = TypeVar("T")
 
 _FOLDERS = ("chunks", "results", "logs", "events", "blobs")
 
 #: The job environment variable through which a worker finds the run (``Store.spec()``).
 STORE_ENV = "BATCHPOOL_STORE"
+
+
+class StorageError(BatchPoolError):
+    """A storage operation failed in a way that retrying does not mend."""
+
+
+#: HTTP statuses that mean "try again": timeout, too many requests, server errors.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_ERRNO = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+        errno.EAGAIN,
+        errno.EPIPE,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+    }
+)
+#: Network errors of aiohttp, botocore and urllib3, known by name so none must be imported.
+_TRANSIENT_NAMES = frozenset(
+    {
+        "ClientConnectionError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "ProtocolError",
+    }
+)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int) and 100 <= code < 600:
+        return code
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error passes by itself, so the operation is worth retrying.
+
+    The exception and its causes are read as gcsfs, s3fs (which wraps botocore's
+    ClientError in an OSError), aiohttp and plain sockets report them.
+    """
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        status = _http_status(current)
+        if status is not None:
+            return status in _TRANSIENT_STATUS
+        if isinstance(current, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNO:
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+_RETRY_TRANSIENT = retry_if_exception(is_transient)
 
 
 def default_storage_root() -> str:
@@ -74,23 +173,47 @@ def open_storage(
 
 
 class Store:
-    """One run's folder: where each object lives, and atomic reads and writes."""
+    """One run's folder: where each object lives, and atomic, retried reads and writes.
 
-    def __init__(self, fs: AbstractFileSystem, run_root: str) -> None:
+    ``retry_deadline`` bounds how long one operation keeps retrying transient
+    failures (seconds); ``retry_wait`` is the first backoff, doubling up to 5 s.
+    """
+
+    def __init__(
+        self,
+        fs: AbstractFileSystem,
+        run_root: str,
+        *,
+        retry_deadline: float = 120.0,
+        retry_wait: float = 0.05,
+    ) -> None:
         self.fs = fs
         self.root = run_root.rstrip("/")
         self._renames = isinstance(fs, LocalFileSystem)
+        self.retry_deadline = retry_deadline
+        self.retry_wait = retry_wait
+        # Exponential backoff from retry_wait up to 5 s, plus jitter, within the deadline.
+        self._wait = wait_exponential(multiplier=retry_wait, max=5.0) + wait_random(0, retry_wait)
+        self._stop = stop_after_delay(retry_deadline)
 
     # -- for workers: a store travels as a small JSON text --------------------------------
 
     def spec(self) -> str:
         """A text from which a worker builds this same store (see ``from_spec``)."""
-        return json.dumps({"fs": self.fs.to_json(), "root": self.root})
+        return json.dumps(
+            {
+                "fs": self.fs.to_json(),
+                "root": self.root,
+                "retry": [self.retry_deadline, self.retry_wait],
+            }
+        )
 
     @classmethod
     def from_spec(cls, spec: str) -> Store:
         data = json.loads(spec)
-        return cls(AbstractFileSystem.from_json(data["fs"]), data["root"])
+        deadline, wait = data.get("retry", (120.0, 0.05))
+        fs = AbstractFileSystem.from_json(data["fs"])
+        return cls(fs, data["root"], retry_deadline=deadline, retry_wait=wait)
 
     @property
     def url(self) -> str:
@@ -126,34 +249,75 @@ class Store:
 
     # -- operations ----------------------------------------------------------------------
 
+    def _retry(self, operation: str, key: str, call: Callable[[], T]) -> T:
+        """``call()``, retried while it fails transiently; a clear error otherwise."""
+        retrying = Retrying(
+            retry=_RETRY_TRANSIENT,
+            wait=self._wait,
+            stop=self._stop,
+            reraise=True,
+            before_sleep=lambda state: log.debug(
+                "batchpool: %s %s failed (%s); retrying", operation, key, state.outcome
+            ),
+        )
+        try:
+            return retrying(call)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            where = self.fs.unstrip_protocol(self.path(key)) if key else self.url
+            again = " (and kept failing until the retry deadline)" if is_transient(exc) else ""
+            raise StorageError(
+                f"could not {operation} {where}{again}: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def create(self) -> None:
         """Make the run's folders where the filesystem has folders."""
         if self._renames:
             for folder in _FOLDERS:
-                self.fs.makedirs(self.path(folder), exist_ok=True)
+                self._retry("create", folder, functools.partial(self._makedirs, folder))
+
+    def _makedirs(self, folder: str) -> None:
+        self.fs.makedirs(self.path(folder), exist_ok=True)
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` so that a reader sees all of it or nothing."""
-        path = self.path(key)
-        if self._renames:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self._retry("write", key, lambda: self._put_once(self.path(key), data))
+
+    def _put_once(self, path: str, data: bytes) -> None:
+        if not self._renames:
+            self.fs.pipe_file(path, data)  # one PUT: all or nothing
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # a new name each try
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        except BaseException:
             try:
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, path)
-            except BaseException:
-                self.fs.rm_file(tmp) if self.fs.exists(tmp) else None
-                raise
-        else:
-            self.fs.pipe_file(path, data)
+                self.fs.rm_file(tmp)
+            except OSError:
+                pass
+            raise
 
     def get(self, key: str) -> bytes:
         """The bytes at ``key``; FileNotFoundError when there are none."""
-        return bytes(self.fs.cat_file(self.path(key)))
+        return self._retry("read", key, lambda: bytes(self.fs.cat_file(self.path(key))))
 
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self.path(key)))
+        path = self.path(key)
+
+        def check() -> bool:
+            self.fs.invalidate_cache(path)  # a cached listing must not hide a new object
+            return bool(self.fs.exists(path))
+
+        return self._retry("look for", key, check)
 
     def delete_run(self) -> None:
-        """Remove the whole run, and nothing outside it."""
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        """Remove the whole run (in batched deletes on object stores), nothing outside it."""
+
+        def delete() -> None:
+            self.fs.invalidate_cache(self.root)
+            if self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+
+        self._retry("delete", "", delete)
