@@ -16,6 +16,7 @@ from batchpool.errors import (
 from batchpool.executor import BatchPoolExecutor
 from batchpool.future import BatchPoolFuture
 from batchpool.serialization import BlobRef
+from batchpool.store import StorageError
 
 __all__ = [
     "Backend",
@@ -32,6 +33,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "StorageError",
     "WorkerLostError",
     "__version__",
     "register_backend",
