@@ -301,7 +301,15 @@ class Store:
 
     def get(self, key: str) -> bytes:
         """The bytes at ``key``; FileNotFoundError when there are none."""
-        return self._retry("read", key, lambda: bytes(self.fs.cat_file(self.path(key))))
+        path = self.path(key)
+
+        def read() -> bytes:
+            # fsspec shares one cached filesystem per process: a listing made by anyone
+            # (s3fs consults it in cat_file) must not make a new object look missing.
+            self.fs.invalidate_cache(path)
+            return bytes(self.fs.cat_file(path))
+
+        return self._retry("read", key, read)
 
     def exists(self, key: str) -> bool:
         path = self.path(key)

@@ -10,6 +10,9 @@ import pytest
 
 from batchpool import BatchPoolExecutor
 
+# The GCS emulator and the moto S3 server, started once per session when a test needs them.
+pytest_plugins = ["stores"]
+
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[BatchPoolExecutor]:

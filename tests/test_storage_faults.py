@@ -54,7 +54,8 @@ def test_1000_calls_with_10_percent_of_store_operations_failing(tmp_path: Path) 
     log = str(tmp_path / "ops.log")
     fs = FaultyLocal(rate=0.1, log=log)  # the workers rebuild it, faults and all
     with BatchPoolExecutor(max_workers=2, storage=(fs, str(tmp_path / "runs"))) as ex:
-        assert list(ex.map(triple, range(1000))) == [3 * i for i in range(1000)]
+        # 50 chunks: about 250 store operations, about 25 of them failing.
+        assert list(ex.map(triple, range(1000), chunksize=20)) == [3 * i for i in range(1000)]
         assert [ex.submit(triple, i).result() for i in range(20)] == [3 * i for i in range(20)]
     faults = [line for line in read_log(log) if line.startswith("FAULT")]
     assert len(faults) >= 5, "too few faults were injected for the test to mean anything"
@@ -103,3 +104,55 @@ def test_operation_counts_per_chunk(tmp_path: Path) -> None:
     assert ops["put", "logs"] == 0
     assert ops["list", ""] == 0
     assert ops["delete", ""] == 1  # cleanup_bucket: one recursive delete of the run
+
+
+# -- the same on the emulators, through gcsfs and s3fs ----------------------------------------
+
+
+def faulty_remote(
+    which: str, service: object, log: str, rate: float = 0.0, kind: str = "transient"
+) -> object:
+    from faults import FaultyGCS, FaultyS3
+
+    cls = FaultyGCS if which == "gcs" else FaultyS3
+    return cls(rate=rate, kind=kind, log=log, **service.storage_options())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "which", [pytest.param("gcs", marks=pytest.mark.gcs), pytest.param("s3", marks=pytest.mark.s3)]
+)
+def test_remote_stores_survive_transient_faults_and_count_their_operations(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import uuid
+
+    service = request.getfixturevalue(f"{which}_service")
+    root = f"batchpool-test/faults-{uuid.uuid4().hex[:8]}"
+
+    # 10% of operations fail with the library's own transient errors: every result is right.
+    log = str(tmp_path / "faults.log")
+    fs = faulty_remote(which, service, log, rate=0.1)
+    with BatchPoolExecutor(max_workers=2, storage=(fs, root)) as ex:  # ~200 operations
+        assert list(ex.map(triple, range(1000), chunksize=20)) == [3 * i for i in range(1000)]
+    assert sum(line.startswith("FAULT") for line in read_log(log)) >= 5
+
+    # Without faults: per chunk exactly one PUT and one GET of input and outcome, no listing.
+    log = str(tmp_path / "ops.log")
+    fs = faulty_remote(which, service, log)
+    with BatchPoolExecutor(max_workers=2, storage=(fs, root + "-count")) as ex:
+        assert list(ex.map(triple, range(1000), chunksize=20)) == [3 * i for i in range(1000)]
+    ops = collections.Counter()
+    for line in read_log(log):
+        kind, path = line.split(" ", 1)
+        folder = path.rsplit("/", 2)[-2] if kind in ("put", "get") else ""
+        ops[kind, folder] += 1
+    assert ops["put", "chunks"] == ops["get", "chunks"] == 50
+    assert ops["put", "results"] == ops["get", "results"] == 50
+    assert ops["move", ""] == 0  # one PUT is atomic on an object store: no rename
+    assert ops["list", ""] == 0
+    assert ops["put", "logs"] == 0
+
+    # A permanent error (403 / AccessDenied) fails fast, naming the URL and the operation.
+    fs = faulty_remote(which, service, str(tmp_path / "denied.log"), rate=1.0, kind="permanent")
+    with pytest.raises(StorageError, match=r"could not write .*manifest\.json"):
+        BatchPoolExecutor(storage=(fs, root + "-denied"))
