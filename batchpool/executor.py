@@ -128,6 +128,8 @@ class BatchPoolExecutor(cf.Executor):
       and each call refers to it; see ``put``.
     - ``payload_warning``: warn when one argument pickles larger than this many
       bytes (default 100 MB), naming it.
+    - ``max_poll_interval``: for backends that do not push job events, the longest
+      pause between status queries (default 2 s); polls are fast while jobs end.
     - ``ship_code``: pickle functions and classes of your own modules (``__main__``
       and source files that are not installed packages) by value, so workers that
       cannot import them run them anyway. Default: on for backends whose workers do
@@ -153,10 +155,13 @@ class BatchPoolExecutor(cf.Executor):
         blob_threshold: int = 1 << 20,
         payload_warning: int = 100 * 10**6,
         ship_code: bool | None = None,
+        max_poll_interval: float | None = None,
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
         _check_positive_int("max_attempts", max_attempts)
+        if max_poll_interval is not None and not max_poll_interval > 0:
+            raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
         self._blob_threshold = _check_positive_int("blob_threshold", blob_threshold)
         self._payload_warning = _check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
@@ -253,6 +258,7 @@ class BatchPoolExecutor(cf.Executor):
             in_flight=in_flight,
             max_attempts=max_attempts,
             cleanup=cleanup_bucket,
+            max_poll_interval=max_poll_interval,
         )
         _live_watchers.add(self._watcher)
         # If the executor is dropped without shutdown, its calls still finish.

@@ -99,6 +99,7 @@ class Watcher:
         in_flight: int,
         max_attempts: int,
         cleanup: bool,
+        max_poll_interval: float | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -119,6 +120,7 @@ class Watcher:
         self._inflight: dict[str, Chunk] = {}  # job id -> chunk
         self._retry: collections.deque[Chunk] = collections.deque()
         self._stopping = False
+        self._poll_ceiling = POLL_MAX if max_poll_interval is None else max_poll_interval
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
         self._next_poll = time.monotonic() + self._poll_interval
         self._status_failures = 0
@@ -301,7 +303,8 @@ class Watcher:
                 why = reason or f"the backend reports it {state.name}"
                 self._on_event(JobEvent(job_id, state, reason=why))
         if not self.backend.notifies:
-            self._poll_interval = POLL_MIN if ended else min(POLL_MAX, self._poll_interval * 2)
+            backoff = min(self._poll_ceiling, self._poll_interval * 2)
+            self._poll_interval = POLL_MIN if ended else backoff
         self._next_poll = time.monotonic() + self._poll_interval
 
     # -- a job ended ----------------------------------------------------------------------

@@ -346,3 +346,18 @@ def test_a_backend_that_cannot_report_states_never_leaves_a_future_waiting(
                 stuck.result(timeout=30)
     finally:
         backend.close()
+
+
+def test_the_poll_ceiling_is_settable(tmp_path: Path) -> None:
+    backend = PollOnly()
+    try:
+        with BatchPoolExecutor(
+            backend=backend, storage=str(tmp_path), max_poll_interval=0.05
+        ) as ex:
+            assert ex._watcher._poll_ceiling == 0.05
+            assert list(ex.map(triple, range(30), chunksize=3)) == [3 * i for i in range(30)]
+    finally:
+        backend.close()
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="max_poll_interval"):
+            BatchPoolExecutor(storage=str(tmp_path), max_poll_interval=bad)
