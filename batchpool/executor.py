@@ -70,6 +70,11 @@ except (AttributeError, RuntimeError):  # pragma: no cover
     atexit.register(_python_exit)
 
 
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -171,6 +176,12 @@ class BatchPoolExecutor(cf.Executor):
         self.cleanup_bucket = cleanup_bucket
 
         fs, root = open_storage(storage, storage_options)
+        if "memory" in _protocols(fs):
+            raise ValueError(
+                "storage='memory://...' lives inside this process, and every backend runs "
+                "jobs in other processes that would not see it; use a folder (the default) "
+                "or storage that the workers reach"
+            )
         owns_backend = not isinstance(backend, Backend)
         if backend is None or backend == "local":
             if max_workers is None:

@@ -599,3 +599,8 @@ def test_storage_forms(tmp_path, form):
 def test_bad_storage_is_refused_clearly(storage, error, words):
     with pytest.raises(error, match=words):
         BatchPoolExecutor(storage=storage)
+
+
+def test_memory_storage_is_refused_because_workers_cannot_see_it():
+    with pytest.raises(ValueError, match="lives inside this process"):
+        BatchPoolExecutor(storage="memory://batchpool")
