@@ -345,6 +345,13 @@ class Watcher:
 
     def _lost(self, chunk: Chunk, event: JobEvent) -> None:
         reason = event.reason or f"it ended as {event.state.name}"
+        if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
+            try:
+                detail = self.backend.explain(event.job_id)
+            except Exception as exc:
+                detail = f"(the backend could not say why: {exc!r})"
+            if detail:
+                reason = f"{reason}: {detail}"
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
         if event.state is not JobState.CANCELLED and chunk.attempt < self._max_attempts:
             log.info("batchpool: chunk %s lost (%s); retrying", chunk.id, reason)

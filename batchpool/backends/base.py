@@ -9,6 +9,7 @@ itself. It never closes anything it was given by the user.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import sys
 from collections.abc import Callable, Sequence
@@ -46,15 +47,49 @@ _FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, Job
 
 @dataclass(frozen=True)
 class Resources:
-    """What one job asks of the engine. Engines use what they support."""
+    """What one job asks of the engine, and where and how its worker starts.
+
+    Engines use what they support. ``memory`` and ``walltime`` are the engine's
+    own notation ("8G", "01:30:00"); ``queue`` is Slurm's partition or SGE's
+    queue; ``extra_args`` go to the submit command as they are.
+    """
 
     cpus: float = 1
     memory: str | None = None
     gpus: int = 0
     walltime: str | None = None
+    queue: str | None = None
+    account: str | None = None
+    extra_args: tuple[str, ...] = ()
     image: str | None = None
-    python: str | None = None
+    #: The worker's Python: an executable, or an argv list (default: the client's).
+    python: str | tuple[str, ...] | None = None
+    #: Lines of bash run before the worker starts (``module load``, ``conda activate``).
     setup: tuple[str, ...] = ()
+    #: A bash file sourced before the worker starts (e.g. a virtualenv's activate).
+    env_script: str | None = None
+    #: Extra environment variables of the job.
+    env: tuple[tuple[str, str], ...] = ()
+    #: The folder the worker starts in (default: the engine's).
+    working_dir: str | None = None
+
+    def replace(self, **changes: Any) -> Resources:
+        """A copy with ``changes``, checked: unknown names are refused with the known ones."""
+        known = set(self.__dataclass_fields__)
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(
+                f"unknown job option(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        if "env" in changes and isinstance(changes["env"], dict):
+            changes["env"] = tuple(sorted(changes["env"].items()))
+        for name in ("setup", "extra_args"):
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
+        if isinstance(changes.get("python"), list):
+            changes["python"] = tuple(changes["python"])
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -69,7 +104,12 @@ class JobSpec:
     def command(self) -> list[str]:
         """The argv that runs this job's worker on a machine with batchpool installed."""
         python = self.resources.python or sys.executable
-        return [python, "-m", "batchpool.worker", *self.args]
+        argv = [python] if isinstance(python, str) else list(python)
+        return [*argv, "-m", "batchpool.worker", *self.args]
+
+    def environment(self) -> dict[str, str]:
+        """The job's environment variables: the executor's, then the user's ``env``."""
+        return {**self.env, **dict(self.resources.env)}
 
 
 @dataclass(frozen=True)
@@ -101,6 +141,11 @@ class Backend(abc.ABC):
     #: True when jobs run where the client's files and ``sys.path`` are (a local
     #: pool): the user's own modules are then imported there, not shipped by value.
     shares_client_code: ClassVar[bool] = False
+
+    def explain(self, job_id: str) -> str:
+        """Why a job ended without success, in the engine's words (state, reason, exit
+        status) and the tail of its output, for the error its calls fail with."""
+        return ""
 
     def max_parallel(self) -> int:
         """How many jobs run at once: the pool size of a bounded backend, else a default
