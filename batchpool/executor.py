@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from datetime import datetime, timezone
 from typing import Any
 
-from batchpool.backends.base import THREAD_ENV, Backend, Resources, make_backend
+from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.codeship import ship_user_code
@@ -133,6 +133,11 @@ class BatchPoolExecutor(cf.Executor):
       and each call refers to it; see ``put``.
     - ``payload_warning``: warn when one argument pickles larger than this many
       bytes (default 100 MB), naming it.
+    - ``job_options``: what each job asks of the engine and how its worker starts:
+      ``memory``, ``gpus``, ``walltime``, ``queue``, ``account``, ``extra_args``,
+      ``env`` (a dict), ``env_script``, ``setup`` (bash lines), ``python`` (an
+      executable or argv list), ``working_dir``. ``options(...)`` overrides them
+      for a group of calls.
     - ``max_poll_interval``: for backends that do not push job events, the longest
       pause between status queries (default 2 s); polls are fast while jobs end.
     - ``ship_code``: pickle functions and classes of your own modules (``__main__``
@@ -161,6 +166,7 @@ class BatchPoolExecutor(cf.Executor):
         payload_warning: int = 100 * 10**6,
         ship_code: bool | None = None,
         max_poll_interval: float | None = None,
+        job_options: dict[str, Any] | None = None,
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
@@ -170,6 +176,7 @@ class BatchPoolExecutor(cf.Executor):
         self._blob_threshold = _check_positive_int("blob_threshold", blob_threshold)
         self._payload_warning = _check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
+        self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
         self._serializer = get_serializer(serializer)
         self.name = name
         self.wait_on_exit = wait_on_exit
@@ -215,13 +222,7 @@ class BatchPoolExecutor(cf.Executor):
         store = Store(fs, f"{root}/{self._run_id}")
         secret = secrets.token_bytes(32)
         versions = client_versions(self._serializer)
-        threads = str(max(1, int(cpus)))
-        job_env = {
-            STORE_ENV: store.spec(),
-            SECRET_ENV: secret.hex(),
-            "PYTHONUNBUFFERED": "1",
-            **{var: threads for var in THREAD_ENV},
-        }
+        job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         settings = {
             "cpus_per_job": cpus,
             "image": image,
@@ -263,7 +264,7 @@ class BatchPoolExecutor(cf.Executor):
             secret=secret,
             header=versions,
             job_env=job_env,
-            resources=Resources(cpus=cpus, image=image),
+            resources=self._resources,
             run_name=self._run_id.rsplit("-", 3)[0],
             capacity=capacity,
             in_flight=in_flight,
@@ -294,12 +295,30 @@ class BatchPoolExecutor(cf.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> BatchPoolFuture:
         """Schedule ``fn(*args, **kwargs)``; the call is pickled now, in this thread."""
+        return self._submit(None, fn, args, kwargs)
+
+    def options(self, **changes: Any) -> JobOptions:
+        """A view of this executor whose calls ask for other job resources.
+
+        ``bpe.options(cpus=4, memory="8G").map(fit, models)`` runs those calls in
+        jobs with 4 CPUs and 8 GB; the view shares the executor's run, workers and
+        shutdown. Names are those of ``job_options`` plus ``cpus`` and ``image``.
+        """
+        return JobOptions(self, _resources(self._resources, changes))
+
+    def _submit(
+        self,
+        resources: Resources | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> BatchPoolFuture:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not a {type(fn).__name__}")
         self._check_open()
         payload = self._pickle_group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
-        self._enqueue(CallGroup(payload, [future], describe_callable(fn)))
+        self._enqueue(CallGroup(payload, [future], describe_callable(fn), resources=resources))
         return future
 
     def put(self, obj: Any) -> BlobRef:
@@ -417,7 +436,18 @@ class BatchPoolExecutor(cf.Executor):
         yielded, so an endless generator is read only as fast as results are used.
         An exception raised by a call is raised when its item is reached.
         """
-        futures = self._map_futures(fn, iterables, timeout, chunksize, buffersize)
+        return self._map(None, fn, iterables, timeout, chunksize, buffersize)
+
+    def _map(
+        self,
+        resources: Resources | None,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int | None,
+        buffersize: int | None,
+    ) -> Iterator[Any]:
+        futures = self._map_futures(fn, iterables, timeout, chunksize, buffersize, resources)
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._result_iterator(futures, deadline)
 
@@ -428,6 +458,7 @@ class BatchPoolExecutor(cf.Executor):
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
+        resources: Resources | None = None,
     ) -> Generator[list[BatchPoolFuture], None, None]:
         """Submit ``map``'s chunks (all now, or ``buffersize`` ahead) and yield their futures."""
         if not callable(fn):
@@ -458,7 +489,7 @@ class BatchPoolExecutor(cf.Executor):
             where = f"{label} in map() (the chunk of items {start} to {start + len(chunk) - 1})"
             payload = self._pickle_group(fn, [(args, {}) for args in chunk], where)
             futures = [BatchPoolFuture() for _ in chunk]
-            self._enqueue(CallGroup(payload, futures, label, fixed=True))
+            self._enqueue(CallGroup(payload, futures, label, fixed=True, resources=resources))
             return futures
 
         ahead = None if buffersize is None else buffersize
@@ -550,6 +581,16 @@ class BatchPoolExecutor(cf.Executor):
         """
         return AsyncMap(self, fn, list(iterables), timeout, chunksize)
 
+    def _async_map(
+        self,
+        resources: Resources | None,
+        fn: Callable[..., Any],
+        iterables: Iterable[Iterable[Any]],
+        timeout: float | None,
+        chunksize: int | None,
+    ) -> AsyncMap:
+        return AsyncMap(self, fn, list(iterables), timeout, chunksize, resources)
+
     async def __aenter__(self) -> BatchPoolExecutor:
         return self
 
@@ -571,6 +612,53 @@ def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
             raise _MapTimeout("map() did not finish within its timeout") from None
     finally:
         del future
+
+
+def _resources(base: Resources, changes: dict[str, Any]) -> Resources:
+    if "cpus" in changes:
+        changes = {**changes, "cpus": _parse_cpus(changes["cpus"])}
+    return base.replace(**changes)
+
+
+class JobOptions:
+    """Calls of an executor that ask for other job resources; see ``options``."""
+
+    def __init__(self, executor: BatchPoolExecutor, resources: Resources) -> None:
+        self._executor = executor
+        self.resources = resources
+
+    def options(self, **changes: Any) -> JobOptions:
+        return JobOptions(self._executor, _resources(self.resources, changes))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> BatchPoolFuture:
+        return self._executor._submit(self.resources, fn, args, kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        return self._executor._map(self.resources, fn, iterables, timeout, chunksize, buffersize)
+
+    async def async_submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> BatchPoolFuture:
+        return await asyncio.to_thread(self.submit, fn, *args, **kwargs)
+
+    def async_map(
+        self,
+        fn: Callable[..., Any],
+        iterables: Iterable[Iterable[Any]],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> AsyncMap:
+        return self._executor._async_map(self.resources, fn, iterables, timeout, chunksize)
+
+    def __repr__(self) -> str:
+        return f"<options of {self._executor!r}: {self.resources}>"
 
 
 class _PickleFailed(Exception):
@@ -596,8 +684,10 @@ class AsyncMap:
         iterables: list[Iterable[Any]],
         timeout: float | None,
         chunksize: int | None,
+        resources: Resources | None = None,
     ) -> None:
         self._executor = executor
+        self._resources = resources
         self._fn = fn
         self._iterables = iterables
         self._chunksize = chunksize
@@ -614,7 +704,7 @@ class AsyncMap:
 
             def submit_all() -> list[BatchPoolFuture]:
                 chunks = self._executor._map_futures(
-                    self._fn, self._iterables, self._timeout, self._chunksize, None
+                    self._fn, self._iterables, self._timeout, self._chunksize, None, self._resources
                 )
                 return [future for chunk in chunks for future in chunk]
 

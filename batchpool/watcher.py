@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Resources
+from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
 from batchpool.chunking import coalesce_target
 from batchpool.errors import BatchPoolError, WorkerLostError
 from batchpool.future import BatchPoolFuture
@@ -63,6 +63,7 @@ class CallGroup:
     futures: list[BatchPoolFuture]
     label: str  # e.g. "f()", for messages
     fixed: bool = False  # a map chunk, sized already: never merged with other groups
+    resources: Resources | None = None  # None: the executor's
 
 
 @dataclass(eq=False)
@@ -72,6 +73,7 @@ class Chunk:
     id: str
     futures: list[BatchPoolFuture | None]  # None where a call was cancelled and is skipped
     labels: list[str]
+    resources: Resources
     attempt: int = 1
     job_id: str = ""
     reasons: list[str] = field(default_factory=list)
@@ -223,7 +225,9 @@ class Watcher:
             n_calls = 0
             while self._pending and n_calls < target:
                 group = self._pending[0]
-                if taken and (group.fixed or taken[0][0].fixed):
+                if taken and (
+                    group.fixed or taken[0][0].fixed or group.resources != taken[0][0].resources
+                ):
                     break
                 self._pending.popleft()
                 skip = [i for i, f in enumerate(group.futures) if not f._start()]
@@ -235,7 +239,7 @@ class Watcher:
     def _make_chunk(self, taken: list[tuple[CallGroup, list[int]]]) -> Chunk | None:
         if not taken:
             return None
-        chunk = Chunk(uuid.uuid4().hex, [], [])
+        chunk = Chunk(uuid.uuid4().hex, [], [], taken[0][0].resources or self._resources)
         groups: list[Group] = []
         for group, skip in taken:
             skipped = set(skip)
@@ -269,11 +273,12 @@ class Watcher:
             self._inflight[job_id] = chunk
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:
+        threads = str(max(1, int(chunk.resources.cpus)))
         return JobSpec(
             name=f"{self._run_name}-{chunk.id[:8]}-{chunk.attempt}",
             args=("--chunk", chunk.id, "--attempt", str(chunk.attempt)),
-            env=self._job_env,
-            resources=self._resources,
+            env={**self._job_env, **dict.fromkeys(THREAD_ENV, threads)},
+            resources=chunk.resources,
         )
 
     def _poll(self) -> None:

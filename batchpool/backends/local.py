@@ -45,7 +45,7 @@ MAX_START_FAILURES = 3
 CLOSE_GRACE = 2.0
 #: How many finished jobs the pool remembers the state of for ``status``.
 FINISHED_MEMORY = 100_000
-LOG_TAIL_LINES = 20
+LOG_TAIL_LINES = 40  # a fatal error's stack dump, from its first line
 LOG_TAIL_BYTES = 8192
 
 
@@ -276,7 +276,8 @@ class LocalBackend(Backend):
                 job = self._queue.popleft()
                 # Assign before sending: its "done" may be read the moment it is sent.
                 worker.job = job
-                message = {"job": job.id, "args": list(job.spec.args), "env": job.spec.env}
+                env = job.spec.environment()
+                message = {"job": job.id, "args": list(job.spec.args), "env": env}
                 if not _send(worker, message):  # it died; _on_exit will clean it up
                     worker.job = None
                     worker.ready = False
