@@ -1,0 +1,39 @@
+"""The examples run as a user runs them: as scripts, in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_example(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / args[0]), *args[1:]],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_demo(tmp_path: Path) -> None:
+    out = run_example(tmp_path, "demo.py")
+    assert "[0, 3, 6, 9]" in out and "polyethylene" in out and "1024" in out
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("dask", marks=pytest.mark.dask)])
+def test_the_same_script_on_each_backend(tmp_path: Path, backend: str) -> None:
+    if backend == "dask":
+        pytest.importorskip("distributed")
+    out = run_example(tmp_path, "anywhere.py", "--backend", backend, "--blocks", "8")
+    assert "17984 primes below 200,000 (computed on" in out
+    assert "17984 primes below 200,000 in one 2-CPU job" in out
