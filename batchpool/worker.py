@@ -22,6 +22,7 @@ import faulthandler
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -226,35 +227,63 @@ def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry
 class _Capture:
     """The output of one job, captured from file descriptors 1 and 2 into a log file.
 
-    In a pool worker the log file is the one the parent gave as stdout, which it
-    reads when the worker dies. A one-job worker makes a temporary one and puts
-    the original descriptors back after the job. Every job starts by pointing 1
-    and 2 at the (emptied) log again, whatever a previous call did to them.
+    - A pool worker: the log file is the one the parent gave as stdout, which it
+      reads when the worker dies; each job empties it first.
+    - A one-job worker whose stdout is a regular file (an engine's job output
+      file): the calls write straight into it, so what they printed survives a
+      SIGKILL there, and the job's log is the part written since ``begin``.
+    - Otherwise (a terminal, a pipe): a temporary file, replayed to the original
+      stdout afterwards.
+
+    Every job starts by pointing 1 and 2 at the log again, whatever a previous
+    call did to them.
     """
 
     def __init__(self, own_file: bool) -> None:
         self._saved: tuple[int, int] | None = None
-        if own_file:
-            import tempfile
-
-            fd, path = tempfile.mkstemp(prefix="batchpool-", suffix=".log")
-            os.close(fd)
-            self._log = os.open(path, os.O_RDWR | os.O_APPEND)  # appends after a truncate
-            os.unlink(path)
-            self._saved = (os.dup(1), os.dup(2))
-        else:
+        self._start = 0
+        self._in_place = False
+        self._reader = -1
+        if not own_file:
             self._log = os.dup(1)
+            return
+        self._saved = (os.dup(1), os.dup(2))
+        if stat.S_ISREG(os.fstat(1).st_mode):
+            try:
+                self._reader = os.open(f"/proc/self/fd/{self._saved[0]}", os.O_RDONLY)
+            except OSError:
+                self._reader = -1
+        if self._reader >= 0:
+            self._in_place = True
+            self._log = os.dup(1)
+            return
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="batchpool-", suffix=".log")
+        os.close(fd)
+        self._log = os.open(path, os.O_RDWR | os.O_APPEND)  # appends after a truncate
+        os.unlink(path)
+        self._reader = self._log
+
+    @property
+    def replay(self) -> bool:
+        """Whether the captured output must be written to the original stdout after."""
+        return self._saved is not None and not self._in_place
 
     def begin(self) -> None:
         _flush()
         os.dup2(self._log, 1)
         os.dup2(self._log, 2)
-        os.ftruncate(self._log, 0)
+        if self._in_place:
+            self._start = os.fstat(self._log).st_size
+        else:
+            os.ftruncate(self._log, 0)
 
     def end(self) -> bytes:
         _flush()
-        size = os.fstat(self._log).st_size
-        return os.pread(self._log, size, 0) if size else b""
+        reader = self._reader if self._reader >= 0 else self._log
+        size = os.fstat(reader).st_size - self._start
+        return os.pread(reader, size, self._start) if size > 0 else b""
 
     def restore(self) -> bytes:
         """Put back the original descriptors; return what was captured."""
@@ -354,8 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         error = traceback.format_exc()
     finally:
+        replay = capture.replay
         log = capture.restore()
-    if log:  # the engine's own log of the job gets the calls' output too
+    if log and replay:  # the engine's own log of the job gets the calls' output too
         os.write(1, log)
     if error:  # the worker's own failure, after the calls' output, on stderr
         sys.stderr.write(error.rstrip("\n") + "\n")
