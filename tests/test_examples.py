@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,10 +31,30 @@ def test_demo(tmp_path: Path) -> None:
     assert "[0, 3, 6, 9]" in out and "polyethylene" in out and "1024" in out
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("dask", marks=pytest.mark.dask)])
-def test_the_same_script_on_each_backend(tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "local",
+        pytest.param("dask", marks=pytest.mark.dask),
+        pytest.param("sge", marks=pytest.mark.sge),
+    ],
+)
+def test_the_same_script_on_each_backend(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     if backend == "dask":
         pytest.importorskip("distributed")
-    out = run_example(tmp_path, "anywhere.py", "--backend", backend, "--blocks", "8")
+    if backend in ("sge", "slurm"):
+        request.getfixturevalue(backend)  # the engine is started, its environment set
+    out = run_example(
+        tmp_path,
+        "anywhere.py",
+        "--backend",
+        backend,
+        "--blocks",
+        "8",
+        "--storage",
+        str(tmp_path / "runs"),  # a folder every (single) node sees
+    )
     assert "17984 primes below 200,000 (computed on" in out
     assert "17984 primes below 200,000 in one 2-CPU job" in out
