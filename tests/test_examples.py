@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
+from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,7 @@ def test_demo(tmp_path: Path) -> None:
         "local",
         pytest.param("dask", marks=pytest.mark.dask),
         pytest.param("sge", marks=pytest.mark.sge),
+        pytest.param("slurm", marks=pytest.mark.slurm),
     ],
 )
 def test_the_same_script_on_each_backend(

@@ -171,6 +171,7 @@ class Backend(abc.ABC):
 
 _BUILTIN: dict[str, str] = {"local": "batchpool.backends.local:LocalBackend"}
 _BUILTIN["sge"] = "batchpool.backends.sge:SGEBackend"
+_BUILTIN["slurm"] = "batchpool.backends.slurm:SlurmBackend"
 _BUILTIN["dask"] = "batchpool.backends.dask:DaskBackend"
 _REGISTERED: dict[str, type[Backend]] = {}
 

@@ -1,0 +1,160 @@
+#!/bin/bash
+# Start (idempotently) a single-node Slurm cluster on this machine, as root, without systemd.
+#
+#   bash ci/slurm.sh          install if needed, start munged/slurmctld/slurmd, wait for the node
+#   bash ci/slurm.sh stop     stop the daemons started here (by PID file)
+#
+# Everything lives under $BATCHPOOL_SLURM_ROOT (default /var/lib/batchpool-slurm). The last
+# line printed is `export SLURM_CONF=<root>/slurm.conf`; the path is also in <root>/slurm_conf_path.
+set -euo pipefail
+
+ROOT="${BATCHPOOL_SLURM_ROOT:-/var/lib/batchpool-slurm}"
+CONF="$ROOT/slurm.conf"
+export SLURM_CONF="$CONF"
+
+say() { echo "ci/slurm.sh: $*" >&2; }
+
+alive() {  # alive PIDFILE: the process named in the PID file runs
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+stop_one() {  # stop_one PIDFILE
+    local pidfile=$1 pid
+    if alive "$pidfile"; then
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+if [ "${1:-}" = "stop" ]; then
+    stop_one "$ROOT/run/slurmd.pid"
+    stop_one "$ROOT/run/slurmctld.pid"
+    stop_one "$ROOT/munge/munged.pid"
+    say "stopped"
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    say "must run as root (it installs packages and starts daemons)"
+    exit 1
+fi
+
+node_idle() {
+    sinfo --noheader --format='%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)'
+}
+
+# Fast path: everything runs already.
+if alive "$ROOT/munge/munged.pid" && alive "$ROOT/run/slurmctld.pid" \
+    && alive "$ROOT/run/slurmd.pid" && node_idle; then
+    say "already running"
+    echo "export SLURM_CONF=$CONF"
+    exit 0
+fi
+
+# -- install ---------------------------------------------------------------------------------
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null \
+    || ! command -v sbatch >/dev/null; then
+    if ! command -v apt-get >/dev/null; then
+        say "apt-get not available: cannot install slurm-wlm and munge"
+        exit 3
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # Other scripts may be installing at the same time: wait for dpkg's lock.
+    APT=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
+    if ! "${APT[@]}" install slurm-wlm munge >/dev/null 2>&1; then
+        "${APT[@]}" update >/dev/null
+        "${APT[@]}" install slurm-wlm munge >/dev/null
+    fi
+fi
+
+HOST=$(hostname)
+mkdir -p "$ROOT"/{run,log,state,spool,munge}
+chmod 0755 "$ROOT"
+chown root:root "$ROOT/run"
+
+# -- munge -----------------------------------------------------------------------------------
+MUNGE_DIR="$ROOT/munge"
+chown munge:munge "$MUNGE_DIR"
+chmod 0711 "$MUNGE_DIR"
+if [ ! -s "$MUNGE_DIR/munge.key" ]; then
+    dd if=/dev/urandom bs=1024 count=1 of="$MUNGE_DIR/munge.key" status=none
+fi
+chown munge:munge "$MUNGE_DIR/munge.key"
+chmod 0400 "$MUNGE_DIR/munge.key"
+SOCKET="$MUNGE_DIR/munge.socket"
+if ! alive "$ROOT/munge/munged.pid"; then
+    rm -f "$SOCKET" "$SOCKET.lock" "$ROOT/munge/munged.pid"
+    # munged runs as user munge: its socket, PID file, log and seed live in its own folder.
+    runuser -u munge -- munged --key-file="$MUNGE_DIR/munge.key" --socket="$SOCKET" \
+        --pid-file="$ROOT/munge/munged.pid" --log-file="$ROOT/munge/munged.log" \
+        --seed-file="$MUNGE_DIR/munged.seed" --force
+    for _ in $(seq 50); do [ -S "$SOCKET" ] && break; sleep 0.1; done
+fi
+
+# -- slurm.conf ------------------------------------------------------------------------------
+MEM=$(slurmd -C 2>/dev/null | tr ' ' '\n' | sed -n 's/^RealMemory=//p' | head -1)
+MEM=${MEM:-1000}
+COMM=""
+if getent ahostsv4 "$HOST" | awk '{print $1}' | grep -q '^127\.'; then
+    COMM="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
+fi
+cat >"$CONF.new" <<CONF
+ClusterName=batchpool
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$SOCKET
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+SchedulerParameters=sched_min_interval=0,bf_interval=1
+ReturnToService=2
+MinJobAge=600
+MaxArraySize=1001
+StateSaveLocation=$ROOT/state
+SlurmdSpoolDir=$ROOT/spool
+SlurmctldPidFile=$ROOT/run/slurmctld.pid
+SlurmdPidFile=$ROOT/run/slurmd.pid
+SlurmctldLogFile=$ROOT/log/slurmctld.log
+SlurmdLogFile=$ROOT/log/slurmd.log
+$COMM
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=16 RealMemory=$MEM State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+CONF
+mv "$CONF.new" "$CONF"
+echo "$CONF" >"$ROOT/slurm_conf_path"
+
+# -- daemons ---------------------------------------------------------------------------------
+if ! alive "$ROOT/run/slurmctld.pid"; then
+    rm -f "$ROOT/run/slurmctld.pid"
+    slurmctld -f "$CONF"
+fi
+if ! alive "$ROOT/run/slurmd.pid"; then
+    rm -f "$ROOT/run/slurmd.pid"
+    slurmd -f "$CONF"
+fi
+
+# -- wait for the node -----------------------------------------------------------------------
+for _ in $(seq 120); do
+    if node_idle; then
+        say "node $HOST is up (SLURM_CONF=$CONF)"
+        echo "export SLURM_CONF=$CONF"
+        exit 0
+    fi
+    state=$(sinfo --noheader --format='%t' 2>/dev/null || true)
+    case "$state" in down*|drain*) scontrol update nodename="$HOST" state=resume 2>/dev/null || true;; esac
+    sleep 0.5
+done
+say "the node did not become idle within 60 s; sinfo says:"
+sinfo >&2 || true
+tail -n 20 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd.log" "$ROOT/munge/munged.log" >&2 || true
+exit 1

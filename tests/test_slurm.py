@@ -1,0 +1,225 @@
+"""SlurmBackend against a real single-node Slurm cluster, started by ``ci/slurm.sh``.
+
+With ``CI`` set, a cluster that cannot start fails the tests loudly with the
+script's output; elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from batchpool import BatchPoolExecutor, WorkerLostError
+from batchpool.backends.base import JobSpec, JobState, Notify, backend_class
+from batchpool.backends.slurm import SlurmBackend, slurm_state
+from batchpool.errors import BackendError
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[str]:
+    """Start (idempotently) the local Slurm cluster; SLURM_CONF's path."""
+    why = ""
+    if sys.platform != "linux":
+        why = "Slurm runs here only on Linux"
+    elif os.geteuid() != 0:
+        why = "ci/slurm.sh must run as root to install and start Slurm"
+    output = ""
+    conf = ""
+    if not why:
+        proc = subprocess.run(
+            ["bash", str(REPO / "ci" / "slurm.sh")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        output = proc.stdout + proc.stderr
+        for line in proc.stdout.splitlines():
+            if line.startswith("export SLURM_CONF="):
+                conf = line.split("=", 1)[1].strip()
+        if proc.returncode != 0 or not conf:
+            why = f"ci/slurm.sh exited with status {proc.returncode}"
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm is required in CI and could not start: {why}\n{output}")
+        pytest.skip(f"no Slurm cluster: {why}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+class Recording(SlurmBackend):
+    """A SlurmBackend that remembers the ids it returned and how often status was asked."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.ids: list[str] = []
+        self.polls = 0
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        ids = super().submit(jobs, notify)
+        self.ids += ids
+        return ids
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        self.polls += 1
+        return super().status(job_ids)
+
+
+def triple(x: int) -> int:
+    time.sleep(0.01)
+    return 3 * x
+
+
+def test_registered_by_name() -> None:
+    assert backend_class("slurm") is SlurmBackend
+
+
+def test_state_words() -> None:
+    assert slurm_state("PENDING") is JobState.PENDING
+    assert slurm_state("COMPLETING") is JobState.RUNNING
+    assert slurm_state("COMPLETED") is JobState.SUCCEEDED
+    assert slurm_state("OUT_OF_ME+") is JobState.FAILED
+    assert slurm_state("TIMEOUT") is JobState.FAILED
+    assert slurm_state("CANCELLED by 0") is JobState.CANCELLED
+    assert slurm_state("PREEMPTED") is JobState.LOST
+    assert slurm_state("SOMETHING_NEW") is JobState.LOST
+
+
+def test_map_is_one_sbatch_and_one_query_per_poll(slurm: str, tmp_path: Path) -> None:
+    backend = Recording(log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs")) as bpe:
+        results = list(bpe.map(triple, range(200), chunksize=10, timeout=90))
+    assert results == [3 * x for x in range(200)]
+    assert backend.sbatch_calls == 1
+    assert len(backend.ids) == 20
+    assert len({i.split("_")[0] for i in backend.ids}) == 1  # one array
+    # One squeue per poll, plus at most one lookup per array once jobs leave squeue;
+    # never one command per job.
+    assert backend.polls >= 1
+    assert backend.status_calls <= 2 * backend.polls
+    assert backend.status_calls < 200
+
+
+def test_split_at_max_array_size(slurm: str, tmp_path: Path) -> None:
+    backend = SlurmBackend(max_array_size=8, log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs")) as bpe:
+        assert list(bpe.map(triple, range(20), chunksize=1, timeout=90)) == [
+            3 * x for x in range(20)
+        ]
+    assert backend.sbatch_calls == 3  # 8 + 8 + 4
+
+
+def test_exceptions_keep_their_type(slurm: str, tmp_path: Path) -> None:
+    def boom(x: int) -> int:
+        raise KeyError(f"no {x}")
+
+    backend = SlurmBackend(log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs")) as bpe:
+        future = bpe.submit(boom, 7)
+        with pytest.raises(KeyError, match="no 7"):
+            future.result(timeout=60)
+
+
+def test_killed_job_is_retried_then_fails_with_slurms_words(slurm: str, tmp_path: Path) -> None:
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    backend = Recording(log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(
+        backend=backend,
+        storage=str(tmp_path / "runs"),
+        max_attempts=2,
+        job_options={"setup": ("echo 'batchpool test job starting' >&2",)},
+    ) as bpe:
+        future = bpe.submit(die)
+        with pytest.raises(WorkerLostError) as info:
+            future.result(timeout=90)
+    message = str(info.value)
+    assert backend.sbatch_calls == 2  # the first attempt and its retry
+    assert "2 attempts" in message
+    assert "JobState=FAILED" in message
+    assert "ExitCode=0:9" in message  # killed by signal 9
+    assert "batchpool test job starting" in message  # the tail of the job's output file
+
+
+def test_cancel_pending_array_and_queued_calls(slurm: str, tmp_path: Path) -> None:
+    # --hold keeps the array pending, as on a busy cluster.
+    backend = Recording(log_dir=tmp_path / "slurm-logs", extra_args=["--hold"], max_running=2)
+    bpe = BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs"), max_workers=1)
+    try:
+        handed = bpe.submit(triple, 1)
+        deadline = time.monotonic() + 30
+        while not backend.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.ids, "the first call was never handed to Slurm"
+        queued = bpe.submit(triple, 2)  # waits: max_workers=1 and one job is in flight
+        job_id = backend.ids[0]
+        assert backend.status([job_id]) == {job_id: JobState.PENDING}
+        shown = subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True
+        ).stdout
+        assert "ArrayTaskThrottle=2" in shown
+        bpe.shutdown(wait=False, cancel_futures=True)
+        assert queued.cancelled()  # never handed to Slurm
+        backend.cancel([job_id])
+        with pytest.raises(WorkerLostError, match="cancelled"):
+            handed.result(timeout=60)
+        assert backend.status([job_id]) == {job_id: JobState.CANCELLED}
+        assert backend.sbatch_calls == 1
+    finally:
+        bpe.shutdown(wait=True, cancel_futures=True)
+
+
+def test_logs_reach_the_run_and_the_job_output(slurm: str, tmp_path: Path) -> None:
+    def chatty(x: int) -> int:
+        print(f"hello from slurm {x}", flush=True)
+        return x
+
+    logs = tmp_path / "slurm-logs"
+    backend = Recording(log_dir=logs)
+    with BatchPoolExecutor(
+        backend=backend, storage=str(tmp_path / "runs"), cleanup_bucket=False
+    ) as bpe:
+        assert bpe.submit(chatty, 5).result(timeout=60) == 5
+    run_logs = list((tmp_path / "runs").glob("*/logs/*.log"))
+    assert len(run_logs) == 1
+    assert "hello from slurm 5" in run_logs[0].read_text()
+    array_id, index = backend.ids[0].split("_")
+    engine_log = logs / f"slurm-{array_id}_{index}.out"
+    assert "hello from slurm 5" in engine_log.read_text()
+
+
+def test_command_failures_name_the_command_and_what_to_check(slurm: str, tmp_path: Path) -> None:
+    broken = tmp_path / "squeue"  # answers as squeue does when slurmctld is down
+    broken.write_text(
+        "#!/bin/bash\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+        "exit 1\n"
+    )
+    broken.chmod(0o755)
+    backend = SlurmBackend(log_dir=tmp_path, squeue=str(broken))
+    with pytest.raises(BackendError) as info:
+        backend.status(["1_0"])
+    message = str(info.value)
+    assert "squeue" in message and "exited with status 1" in message
+    assert "Unable to contact slurm controller" in message
+    assert f"SLURM_CONF={slurm}" in message
+    missing = SlurmBackend(log_dir=tmp_path, sbatch=str(tmp_path / "no-sbatch"), max_array_size=10)
+    spec = JobSpec(name="x-1-1", args=("--chunk", "c", "--attempt", "1"))
+    with pytest.raises(BackendError, match="no-sbatch"):
+        missing.submit([spec])
