@@ -5,7 +5,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from typing import Any
+
+from batchpool.store import Store
+
+
+@dataclass
+class JobRecord:
+    """Where a call ran: its chunk, the attempts so far and their job ids.
+
+    Shared by the calls of one chunk; it refers to no future, so a future kept
+    by the caller keeps no other call's result alive.
+    """
+
+    store: Store
+    chunk: str
+    attempt: int = 1
+    job_ids: list[str] = field(default_factory=list)
 
 
 class BatchPoolFuture(cf.Future[Any]):
@@ -28,6 +45,34 @@ class BatchPoolFuture(cf.Future[Any]):
             if self._state == cf._base.CANCELLED:
                 self.set_running_or_notify_cancel()
         return True
+
+    _job: JobRecord | None = None
+
+    @property
+    def job(self) -> JobRecord | None:
+        """The chunk and attempts of this call's job; None until it is handed to a backend."""
+        return self._job
+
+    def logs(self) -> str:
+        """What the job running this call printed (stdout and stderr), newest attempt last.
+
+        A job runs a chunk of calls, so this is the chunk's output. Empty when the
+        call has not run, printed nothing, or its run was deleted from storage
+        (``cleanup_bucket``).
+        """
+        record = self._job
+        if record is None:
+            return ""
+        parts = []
+        for attempt in range(1, record.attempt + 1):
+            try:
+                text = record.store.get(record.store.log_key(record.chunk, attempt))
+            except FileNotFoundError:
+                continue
+            if record.attempt > 1:
+                parts.append(f"--- attempt {attempt} ---\n")
+            parts.append(text.decode("utf-8", errors="replace"))
+        return "".join(parts)
 
     def _start(self) -> bool:
         """Mark the call running, unless it was cancelled; for the executor only."""

@@ -32,7 +32,7 @@ from typing import Any
 from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
 from batchpool.chunking import coalesce_target
 from batchpool.errors import BatchPoolError, WorkerLostError
-from batchpool.future import BatchPoolFuture
+from batchpool.future import BatchPoolFuture, JobRecord
 from batchpool.serialization import (
     Group,
     Serializer,
@@ -74,6 +74,7 @@ class Chunk:
     futures: list[BatchPoolFuture | None]  # None where a call was cancelled and is skipped
     labels: list[str]
     resources: Resources
+    record: JobRecord | None = None
     attempt: int = 1
     job_id: str = ""
     reasons: list[str] = field(default_factory=list)
@@ -240,10 +241,14 @@ class Watcher:
         if not taken:
             return None
         chunk = Chunk(uuid.uuid4().hex, [], [], taken[0][0].resources or self._resources)
+        chunk.record = JobRecord(self.store, chunk.id)
         groups: list[Group] = []
         for group, skip in taken:
             skipped = set(skip)
             chunk.futures.extend(None if i in skipped else f for i, f in enumerate(group.futures))
+            for i, future in enumerate(group.futures):
+                if i not in skipped:
+                    future._job = chunk.record
             chunk.labels.append(group.label)
             groups.append((len(group.futures), group.payload, tuple(skip)))
         key = self.store.chunk_key(chunk.id)
@@ -270,6 +275,9 @@ class Watcher:
             return
         for chunk, job_id in zip(chunks, job_ids, strict=True):
             chunk.job_id = job_id
+            if chunk.record is not None:
+                chunk.record.attempt = chunk.attempt
+                chunk.record.job_ids.append(job_id)
             self._inflight[job_id] = chunk
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:

@@ -361,3 +361,33 @@ def test_the_poll_ceiling_is_settable(tmp_path: Path) -> None:
     for bad in (0, -1.0):
         with pytest.raises(ValueError, match="max_poll_interval"):
             BatchPoolExecutor(storage=str(tmp_path), max_poll_interval=bad)
+
+
+def print_and_return(x: int) -> int:
+    print(f"working on {x}")
+    return x
+
+
+def die_once_then_print(marker: str) -> str:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    print("second attempt")
+    return "ok"
+
+
+def test_future_logs_and_job(tmp_path: Path) -> None:
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path / "runs")) as ex:
+        future = ex.submit(print_and_return, 7)
+        assert future.result() == 7
+        assert future.logs() == "working on 7\n"
+        assert future.job is not None and future.job.attempt == 1
+        assert len(future.job.job_ids) == 1
+        retried = ex.submit(die_once_then_print, str(tmp_path / "marker"))
+        assert retried.result() == "ok"
+        assert retried.job is not None and retried.job.attempt == 2
+        assert len(retried.job.job_ids) == 2
+        assert retried.logs() == "--- attempt 2 ---\nsecond attempt\n"
+        silent = ex.submit(triple, 1)
+        assert silent.result() == 3 and silent.logs() == ""
+    assert future.logs() == ""  # cleanup_bucket deleted the run, logs and all
