@@ -210,13 +210,20 @@ class BatchPoolExecutor(cf.Executor):
                 stacklevel=2,
             )
         # How many jobs may run at once, and how many the backend is handed at once.
-        # Only a backend that queues what it cannot run yet gets a second job per
-        # slot (so a worker never idles between jobs): any other would run it.
+        # A local pool gets a second job per slot (so a worker never idles between
+        # jobs) only when it cannot run it before its turn.
         parallel = backend.max_parallel()
         capacity = max_workers or parallel
         if backend.bounded:
             capacity = min(capacity, parallel)
-        in_flight = 2 * capacity if backend.bounded and parallel <= capacity else capacity
+        if backend.bounded:
+            in_flight = 2 * capacity if parallel <= capacity else capacity
+        elif max_workers is None:
+            # A cluster's scheduler queues what it cannot run yet: hand it everything
+            # at once, so a map becomes one array job, not waves of them.
+            in_flight = sys.maxsize
+        else:
+            in_flight = capacity
 
         self._run_id = _run_id(name)
         store = Store(fs, f"{root}/{self._run_id}")
