@@ -115,6 +115,9 @@ class SGEBackend(Backend):
     ``extra_args`` go to every ``qsub`` as they are. ``log_dir`` holds the engine's
     output file of each job (it must be reachable from the execution hosts; the
     worker copies its own output to the run's ``logs/`` in the store as well).
+    ``parallel`` is how many jobs run at once, for sizing ``map``'s chunks when the
+    executor gets no ``max_workers``; default: the queue's slots (``qstat -g c``),
+    or 64 when SGE does not say.
     """
 
     name = "sge"
@@ -139,7 +142,7 @@ class SGEBackend(Backend):
         gpu_resource: str | None = None,
         log_dir: str | None = None,
         keep_logs: bool = False,
-        parallel: int = 64,
+        parallel: int | None = None,
     ) -> None:
         for label, value in (("max_array_size", max_array_size), ("max_running", max_running)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -173,7 +176,27 @@ class SGEBackend(Backend):
         return f"SGEBackend(queue={self.queue!r}, project={self.project!r})"
 
     def max_parallel(self) -> int:
+        if self._parallel is None:
+            self._parallel = self._queue_slots() or 64
         return self._parallel
+
+    def _queue_slots(self) -> int:
+        """The slots of the queue (of all queues when none is named), 0 if unknown."""
+        try:
+            out = subprocess.run(
+                [self._commands["qstat"], "-g", "c"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        total = 0
+        for line in out.splitlines()[2:]:
+            fields = line.split()
+            if len(fields) >= 6 and (self.queue is None or fields[0] == self.queue):
+                try:
+                    total += int(fields[5])  # CLUSTER QUEUE CQLOAD USED RES AVAIL TOTAL
+                except ValueError:
+                    continue
+        return total
 
     # -- the contract ---------------------------------------------------------------------
 

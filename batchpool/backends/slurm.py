@@ -143,8 +143,9 @@ class SlurmBackend(Backend):
       PREEMPTED/NODE_FAIL and the executor retries it with a new attempt.
     - ``min_status_interval``: seconds between two ``squeue`` queries at least
       (schedulers rate-limit); a poll sooner than that is answered from the last one.
-    - ``max_jobs``: how many jobs the executor keeps handed over at once when it
-      gets no ``max_workers``.
+    - ``max_jobs``: how many jobs run at once, for sizing ``map``'s chunks when the
+      executor gets no ``max_workers``; default: the partition's CPUs (``sinfo``),
+      or 64 when Slurm does not say.
     - ``sbatch``, ``squeue``, ``sacct``, ``scontrol``, ``scancel``: the commands
       (a name on ``PATH`` or a path).
     """
@@ -164,7 +165,7 @@ class SlurmBackend(Backend):
         log_dir: str | os.PathLike[str] | None = None,
         *,
         requeue: bool = False,
-        max_jobs: int = 256,
+        max_jobs: int | None = None,
         min_status_interval: float = 1.0,
         sbatch: str = "sbatch",
         squeue: str = "squeue",
@@ -212,7 +213,20 @@ class SlurmBackend(Backend):
         return f"SlurmBackend({where})"
 
     def max_parallel(self) -> int:
+        if self._max_jobs is None:
+            self._max_jobs = self._partition_cpus() or 64
         return self._max_jobs
+
+    def _partition_cpus(self) -> int:
+        """The CPUs of the partition (all partitions when none is named), 0 if unknown."""
+        argv = ["sinfo", "--noheader", "--format=%C"]
+        if self.partition:
+            argv.append(f"--partition={self.partition}")
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+            return sum(int(line.split("/")[3]) for line in out.split() if line.count("/") == 3)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return 0
 
     # -- running commands -----------------------------------------------------------------
 
