@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
+from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
 from batchpool.errors import BackendError
 
 #: A worker that exits this many times in a row before it is ready breaks the pool.
@@ -85,11 +85,7 @@ def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
     """``(exit_code, signal, words)`` for a process's return code."""
     if returncode < 0:
         signum = -returncode
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        words = f"killed by {name} ({signum})"
+        words = f"killed by {signal_name(signum)} ({signum})"
         if signum == signal.SIGKILL:
             words += "; the out-of-memory killer sends this, so does `kill -9`"
         return None, signum, words

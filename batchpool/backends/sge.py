@@ -29,7 +29,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 
-from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources
+from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, signal_name
 from batchpool.backends.script import job_script
 from batchpool.errors import BackendError
 
@@ -89,11 +89,7 @@ def _job_name(spec: JobSpec) -> str:
 def _describe_exit(exit_status: int) -> str:
     if exit_status > 128:
         signum = exit_status - 128
-        try:
-            signame = signal.Signals(signum).name
-        except ValueError:
-            signame = f"signal {signum}"
-        words = f"exit_status {exit_status} (killed by {signame})"
+        words = f"exit_status {exit_status} (killed by {signal_name(signum)})"
         if signum == signal.SIGKILL:
             words += (
                 "; SGE sends it when the job passes its h_vmem or h_rt limit, "
