@@ -558,6 +558,7 @@ class BatchPoolExecutor(cf.Executor):
             self._shutdown = True
         if cancel_futures:
             self._watcher.cancel_pending()
+            self._watcher.cancel_queued()
         self._watcher.stop()
         if wait:
             self._watcher.join()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,8 @@ class JobRecord:
     chunk: str
     attempt: int = 1
     job_ids: list[str] = field(default_factory=list)
+    #: Cancels the chunk's job while the engine still queues it (set by the executor).
+    canceller: Callable[[JobRecord, BatchPoolFuture], bool] | None = None
 
 
 class BatchPoolFuture(cf.Future[Any]):
@@ -40,10 +42,30 @@ class BatchPoolFuture(cf.Future[Any]):
         cancellation at once, not when the executor next looks at the call.
         """
         if not super().cancel():
-            return False
+            # Handed to a cluster engine, the call may still wait in its queue.
+            record = self._job
+            if record is None or record.canceller is None or self.done():
+                return False
+            return record.canceller(record, self)
         with self._condition:  # re-entrant
             if self._state == cf._base.CANCELLED:
                 self.set_running_or_notify_cancel()
+        return True
+
+    def _cancel_queued(self) -> bool:
+        """Cancel a call whose job the engine dropped before it started; for the executor.
+
+        The future goes from RUNNING (handed to the engine) to cancelled, and its
+        waiters and callbacks learn of it as they would of any cancellation.
+        """
+        with self._condition:
+            if self._state != cf._base.RUNNING:
+                return False
+            self._state = cf._base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     _job: JobRecord | None = None

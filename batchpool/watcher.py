@@ -47,6 +47,7 @@ from batchpool.store import Store
 log = logging.getLogger("batchpool")
 
 _WAKE = object()
+_CANCEL_QUEUED = object()
 #: Seconds between status queries when the backend pushes job events anyway.
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
@@ -151,6 +152,42 @@ class Watcher:
                 future.cancel()
         self._events.put(_WAKE)
 
+    def cancel_queued(self) -> None:
+        """Cancel the jobs the engine still queues, with their calls (shutdown's cancel)."""
+        self._events.put(_CANCEL_QUEUED)
+
+    def _cancel_one(self, record: JobRecord, future: BatchPoolFuture) -> bool:
+        """``future.cancel()`` of a call handed to an engine: True if its job was dropped
+        before it started. A job runs its whole chunk, so only a call alone in its
+        chunk can be cancelled this way. Runs in the caller's thread."""
+        # One dict lookup (atomic) of the job the watcher thread has in flight.
+        chunk = self._inflight.get(record.job_ids[-1]) if record.job_ids else None
+        if chunk is None or [f for f in chunk.futures if f is not None] != [future]:
+            return False
+        try:
+            if self.backend.status([chunk.job_id]).get(chunk.job_id) is not JobState.PENDING:
+                return False
+            self.backend.cancel([chunk.job_id])
+        except Exception:
+            return False
+        return future._cancel_queued()
+
+    def _cancel_queued_jobs(self) -> None:
+        if self.backend.bounded or not self._inflight:
+            return
+        try:
+            states = self.backend.status(list(self._inflight))
+            queued = [job for job, state in states.items() if state is JobState.PENDING]
+            if queued:
+                self.backend.cancel(queued)
+        except Exception as exc:
+            log.warning("batchpool: could not cancel the queued jobs: %s", exc)
+            return
+        for job_id in queued:
+            for future in self._inflight[job_id].futures:
+                if future is not None:
+                    future._cancel_queued()
+
     def stop(self) -> None:
         """No more calls will come: finish what is in flight, clean up, and end."""
         with self._lock:
@@ -196,6 +233,8 @@ class Watcher:
         while True:
             if isinstance(item, JobEvent):
                 self._on_event(item)
+            elif item is _CANCEL_QUEUED:
+                self._cancel_queued_jobs()
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
@@ -242,6 +281,8 @@ class Watcher:
             return None
         chunk = Chunk(uuid.uuid4().hex, [], [], taken[0][0].resources or self._resources)
         chunk.record = JobRecord(self.store, chunk.id)
+        if not self.backend.bounded:  # an engine with a queue: a queued job can be dropped
+            chunk.record.canceller = self._cancel_one
         groups: list[Group] = []
         for group, skip in taken:
             skipped = set(skip)
@@ -357,6 +398,8 @@ class Watcher:
                 del value  # the caller alone keeps the result alive
 
     def _lost(self, chunk: Chunk, event: JobEvent) -> None:
+        if all(f is None or f.done() for f in chunk.futures):
+            return  # its calls were cancelled (their queued job dropped): nothing to retry
         reason = event.reason or f"it ended as {event.state.name}"
         if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
             try:

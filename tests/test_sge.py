@@ -174,3 +174,21 @@ def test_command_failures_name_the_command(sge: None) -> None:
         backend.submit([spec])
     with pytest.raises(BackendError, match="could not start"):
         SGEBackend(qstat="/nonexistent/qstat").status(["1.1"])
+
+
+def test_future_cancel_drops_a_queued_job(sge: None, tmp_path: Path) -> None:
+    import concurrent.futures as cf
+    import time
+
+    backend = SGEBackend(extra_args=["-h"])  # held: queued, as on a busy cluster
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs")) as bpe:
+        future = bpe.submit(square, 3)
+        deadline = time.monotonic() + 30
+        while not (future.job and future.job.job_ids):
+            assert time.monotonic() < deadline, "the call was never handed to SGE"
+            time.sleep(0.05)
+        assert future.cancel() and future.cancelled()
+        done, _ = cf.wait([future], timeout=5)
+        assert done == {future}
+        with pytest.raises(cf.CancelledError):
+            future.result()

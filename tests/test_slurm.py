@@ -175,11 +175,9 @@ def test_cancel_pending_array_and_queued_calls(slurm: str, tmp_path: Path) -> No
             ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True
         ).stdout
         assert "ArrayTaskThrottle=2" in shown
-        bpe.shutdown(wait=False, cancel_futures=True)
+        bpe.shutdown(wait=True, cancel_futures=True)
         assert queued.cancelled()  # never handed to Slurm
-        backend.cancel([job_id])
-        with pytest.raises(WorkerLostError, match="cancelled"):
-            handed.result(timeout=60)
+        assert handed.cancelled()  # handed over, but still queued: Slurm dropped it
         assert backend.status([job_id]) == {job_id: JobState.CANCELLED}
         assert backend.sbatch_calls == 1
     finally:
@@ -223,3 +221,24 @@ def test_command_failures_name_the_command_and_what_to_check(slurm: str, tmp_pat
     spec = JobSpec(name="x-1-1", args=("--chunk", "c", "--attempt", "1"))
     with pytest.raises(BackendError, match="no-sbatch"):
         missing.submit([spec])
+
+
+def test_future_cancel_drops_a_queued_job(slurm: str, tmp_path: Path) -> None:
+    import concurrent.futures as cf
+
+    backend = Recording(log_dir=tmp_path / "slurm-logs", extra_args=["--hold"])
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs")) as bpe:
+        future = bpe.submit(triple, 1)
+        deadline = time.monotonic() + 30
+        while not backend.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert future.running()  # handed to Slurm, held in its queue
+        assert future.cancel() and future.cancelled()
+        done, _ = cf.wait([future], timeout=5)
+        assert done == {future}
+        with pytest.raises(cf.CancelledError):
+            future.result()
+        deadline = time.monotonic() + 30  # status answers from its last squeue for a second
+        while backend.status(backend.ids)[backend.ids[0]] is not JobState.CANCELLED:
+            assert time.monotonic() < deadline, "Slurm never reported the job CANCELLED"
+            time.sleep(0.2)
