@@ -399,22 +399,12 @@ class SlurmBackend(Backend):
             with self._lock:
                 self.status_calls += 1
             try:
-                out = self._run(
-                    [
-                        self._commands["sacct"],
-                        "--noheader",
-                        "--parsable2",
-                        "--allocations",
-                        "--format=JobID,State",
-                        f"--jobs={','.join(job_ids)}",
-                    ]
-                )
+                rows = self._sacct("JobID,State", job_ids)
                 self._accounting = True
                 found: dict[str, str] = {}
-                for line in out.splitlines():
-                    field, _, word = line.strip().partition("|")
+                for field, *rest in rows:
                     for task in _expand(field):
-                        found[task] = word
+                        found[task] = "|".join(rest)
                 return found
             except BackendError:
                 if self._accounting:  # it worked before: a real failure
@@ -425,6 +415,20 @@ class SlurmBackend(Backend):
             for record in self._scontrol_job(array_id):
                 found.update(_record_states(record))
         return found
+
+    def _sacct(self, fields: str, job_ids: Sequence[str]) -> list[list[str]]:
+        """``sacct``'s rows (allocations only) for these jobs, split into ``fields``."""
+        out = self._run(
+            [
+                self._commands["sacct"],
+                "--noheader",
+                "--parsable2",
+                "--allocations",
+                f"--format={fields}",
+                f"--jobs={','.join(job_ids)}",
+            ]
+        )
+        return [line.strip().split("|") for line in out.splitlines() if line.strip()]
 
     def _scontrol_job(self, job_id: str) -> list[dict[str, str]]:
         with self._lock:
@@ -457,20 +461,9 @@ class SlurmBackend(Backend):
             log_path = record.get("StdOut", "")
         elif self._accounting:
             try:
-                out = self._run(
-                    [
-                        self._commands["sacct"],
-                        "--noheader",
-                        "--parsable2",
-                        "--allocations",
-                        "--format=State,ExitCode,Reason,Elapsed",
-                        f"--jobs={job_id}",
-                    ]
-                )
-                if out.strip():
-                    state, exit_code, reason, elapsed = (out.splitlines()[0].split("|") + [""] * 4)[
-                        :4
-                    ]
+                rows = self._sacct("State,ExitCode,Reason,Elapsed", [job_id])
+                if rows:
+                    state, exit_code, reason, elapsed = (rows[0] + [""] * 4)[:4]
                     parts.append(
                         f"Slurm says JobState={state} Reason={reason} ExitCode={exit_code} "
                         f"Elapsed={elapsed}"
