@@ -587,7 +587,7 @@ class BatchPoolExecutor(cf.Executor):
         thread) when awaited and yields results in input order;
         ``async for r in bpe.async_map(fn, [xs])`` works too.
         """
-        return AsyncMap(self, fn, list(iterables), timeout, chunksize)
+        return self._async_map(None, fn, iterables, timeout, chunksize)
 
     def _async_map(
         self,
