@@ -30,11 +30,12 @@ from batchpool.serialization import (
     BlobRef,
     blob_digest,
     client_versions,
+    describe_callable,
     describe_type,
     get_serializer,
 )
 from batchpool.store import STORE_ENV, Store, open_storage
-from batchpool.watcher import CallGroup, Watcher, describe_callable
+from batchpool.watcher import CallGroup, Watcher
 
 #: One call's arguments, as pickled: ``(args, kwargs)``.
 Call = tuple[tuple[Any, ...], dict[str, Any]]

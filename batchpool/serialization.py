@@ -128,6 +128,12 @@ def blob_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def describe_callable(fn: Any) -> str:
+    """``fn``'s name as in messages: ``f()``, or its type's name when it has none."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{name}()"
+
+
 def describe_type(obj: Any) -> str:
     """``obj``'s class as ``module.Name`` (just ``Name`` for builtins)."""
     cls = type(obj)

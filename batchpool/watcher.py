@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -471,8 +470,3 @@ def _storage_error(what: str, chunk: Chunk, exc: Exception) -> BatchPoolError:
         f"could not {what} {chunk.describe()} (chunk {chunk.id}) in storage: "
         f"{type(exc).__name__}: {exc}"
     )
-
-
-def describe_callable(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-    return f"{name}()"

@@ -43,6 +43,7 @@ from batchpool.serialization import (
     Serializer,
     blob_digest,
     decode_chunk,
+    describe_callable,
     encode_outcome,
     error_entry,
     get_serializer,
@@ -162,11 +163,6 @@ def _load_error(exc: BaseException, calls: str) -> BaseException:
     return exc
 
 
-def _call_name(fn: Any) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    return f"{name}()" if name else repr(fn)
-
-
 def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
     """Run one chunk and write its outcome; return how many calls it held."""
     started = time.time()
@@ -209,7 +205,7 @@ def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry
             error = _load_error(exc, f"{n_calls} call{'s' if n_calls != 1 else ''}")
             entries.extend([error_entry(error, serializer)] * n_calls)
             continue
-        name = _call_name(fn)
+        name = describe_callable(fn)
         skipped = frozenset(skip)
         for index, (args, kwargs) in enumerate(calls):
             if index in skipped:
