@@ -353,7 +353,12 @@ class Watcher:
         for job_id, state in states.items():
             if state.is_final and job_id in self._inflight:
                 ended += 1
-                why = reason or f"the backend reports it {state.name}"
+                if reason:
+                    why = reason
+                elif state is JobState.SUCCEEDED:  # e.g. SGE: gone from qstat
+                    why = "the backend reports that it ended"
+                else:
+                    why = f"the backend reports it {state.name}"
                 self._on_event(JobEvent(job_id, state, reason=why))
         if not self.backend.notifies:
             backoff = min(self._poll_ceiling, self._poll_interval * 2)

@@ -119,6 +119,8 @@ SlurmdParameters=config_overrides
 SchedulerParameters=sched_min_interval=0,bf_interval=1
 ReturnToService=2
 MinJobAge=600
+# A job past its --time gets SIGTERM, then SIGKILL after KillWait seconds (default 30).
+KillWait=5
 MaxArraySize=1001
 StateSaveLocation=$ROOT/state
 SlurmdSpoolDir=$ROOT/spool

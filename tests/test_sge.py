@@ -192,3 +192,34 @@ def test_future_cancel_drops_a_queued_job(sge: None, tmp_path: Path) -> None:
         assert done == {future}
         with pytest.raises(cf.CancelledError):
             future.result()
+
+
+def overrun(x: int) -> int:
+    print(f"working past the walltime with {x}", flush=True)
+    time.sleep(600)
+    return x
+
+
+def hungry(megabytes: int) -> int:
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+def test_walltime_kill_fails_with_exit_status_137(sge: None, tmp_path: Path) -> None:
+    backend = SGEBackend()
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path), max_attempts=1) as ex:
+        future = ex.options(walltime="0:0:5").submit(overrun, 1)
+        with pytest.raises(WorkerLostError) as info:
+            future.result(timeout=100)
+    text = str(info.value)
+    assert "exit_status 137" in text and "h_rt" in text, text
+    assert backend.qsub_calls == 1
+
+
+def test_memory_limit_is_enforced_by_sge(sge: None, tmp_path: Path) -> None:
+    # h_vmem becomes the job's address-space limit: an allocation past it fails
+    # inside the call, which comes back as MemoryError; the worker lives on.
+    with BatchPoolExecutor(backend=SGEBackend(), storage=str(tmp_path)) as ex:
+        limited = ex.options(memory="1G")
+        assert limited.submit(hungry, 10).result(timeout=100) == 10 * 1024 * 1024
+        with pytest.raises(MemoryError):
+            limited.submit(hungry, 2048).result(timeout=100)

@@ -242,3 +242,27 @@ def test_future_cancel_drops_a_queued_job(slurm: str, tmp_path: Path) -> None:
         while backend.status(backend.ids)[backend.ids[0]] is not JobState.CANCELLED:
             assert time.monotonic() < deadline, "Slurm never reported the job CANCELLED"
             time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_walltime_kill_fails_with_timeout_and_the_log_tail(slurm: str, tmp_path: Path) -> None:
+    # Slurm's shortest --time is one minute; slurmctld notices the overrun on its
+    # next timer pass (up to 30 s later), then KillWait=5 (ci/slurm.sh) to SIGKILL.
+    def overrun() -> None:
+        print("working past the walltime", flush=True)
+        time.sleep(600)
+
+    backend = Recording(log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(
+        backend=backend,
+        storage=str(tmp_path / "runs"),
+        max_attempts=1,
+        job_options={"setup": ("echo 'walltime job starting' >&2",)},
+    ) as bpe:
+        future = bpe.options(walltime="1").submit(overrun)
+        with pytest.raises(WorkerLostError) as info:
+            future.result(timeout=240)
+    message = str(info.value)
+    assert "JobState=TIMEOUT" in message, message
+    assert "walltime job starting" in message  # the tail of the job's output file
+    assert backend.sbatch_calls == 1
