@@ -10,21 +10,42 @@ from typing import Any
 
 from batchpool.store import Store
 
+#: Job states, in Hail Batch's words: Pending (waiting for a free slot in this client),
+#: Ready (handed to the engine, queued there), Running, Success (every call returned),
+#: Failed (a call raised), Error (the job ended without a result, every attempt), Cancelled.
+JOB_STATES = ("Pending", "Ready", "Running", "Success", "Failed", "Error", "Cancelled")
+FINAL_STATES = frozenset({"Success", "Failed", "Error", "Cancelled"})
+
 
 @dataclass
 class JobRecord:
-    """Where a call ran: its chunk, the attempts so far and their job ids.
+    """Where a call ran: its chunk, the attempts so far, their job ids and how it ended.
 
     Shared by the calls of one chunk; it refers to no future, so a future kept
-    by the caller keeps no other call's result alive.
+    by the caller keeps no other call's result alive. Times are Unix seconds.
     """
 
     store: Store
     chunk: str
     attempt: int = 1
     job_ids: list[str] = field(default_factory=list)
+    state: str = "Pending"
+    host: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    #: How the last attempt ended: "ok", "2 of 5 calls raised", "lost: <why>", ...
+    exit: str | None = None
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
     #: Cancels the chunk's job while the engine still queues it (set by the executor).
-    canceller: Callable[[JobRecord, BatchPoolFuture], bool] | None = None
+    canceller: Callable[[JobRecord, BatchPoolFuture], bool] | None = field(default=None, repr=False)
+
+    @property
+    def duration(self) -> float | None:
+        """Wall seconds of the last attempt that ended with a result."""
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
 
 
 class BatchPoolFuture(cf.Future[Any]):

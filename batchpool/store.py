@@ -5,10 +5,20 @@ This module is the only place that knows where things live::
     <root>/<run-id>/
         manifest.json                  name, created, versions, backend, settings
         blobs/<sha256>                 content-addressed payloads
-        chunks/<chunk>.in              a chunk's calls
-        results/<chunk>.<attempt>.out  a chunk's outcomes, written once, atomically
+        chunks/<chunk>.in              a chunk's calls (signed)
+        results/<chunk>.<attempt>.out  a chunk's outcomes, written once, atomically (signed)
         logs/<chunk>.<attempt>.log     the job's captured stdout and stderr
-        events/<chunk>.<attempt>.json  started/ended markers
+        events/<chunk>.<attempt>.start JSON: the worker began (host, pid, time)
+        events/<chunk>.<attempt>.end   JSON: the worker ended (times, CPU, peak memory, failures)
+        jobs/<seq>.json                JSON journal of the client: the engine's job id of each
+                                       chunk attempt handed over, chunks given up on
+                                       (Error, Cancelled), and the client's close
+        cancel.json                    JSON: ``batchpool cancel`` asked the run to stop
+
+Chunk ids start with a zero-padded sequence number, so listing ``chunks/`` gives
+the calls in the order they were submitted. Only ``chunks/`` and ``results/``
+hold pickles; everything a person or the CLI reads is JSON or text and needs no
+secret.
 
 Every write is atomic: on filesystems with rename (local disks, NFS mounts) the
 bytes go to a temporary name in the same folder and are renamed into place; on
@@ -50,7 +60,7 @@ from batchpool.errors import BatchPoolError
 log = logging.getLogger("batchpool")
 T = TypeVar("T")
 
-_FOLDERS = ("chunks", "results", "logs", "events", "blobs")
+_FOLDERS = ("chunks", "results", "logs", "events", "blobs", "jobs")
 
 #: The job environment variable through which a worker finds the run (``Store.spec()``).
 STORE_ENV = "BATCHPOOL_STORE"
@@ -236,9 +246,33 @@ class Store:
     def log_key(chunk_id: str, attempt: int) -> str:
         return f"logs/{chunk_id}.{attempt}.log"
 
+    CANCEL = "cancel.json"
+
     @staticmethod
-    def event_key(chunk_id: str, attempt: int) -> str:
-        return f"events/{chunk_id}.{attempt}.json"
+    def start_key(chunk_id: str, attempt: int) -> str:
+        return f"events/{chunk_id}.{attempt}.start"
+
+    @staticmethod
+    def end_key(chunk_id: str, attempt: int) -> str:
+        return f"events/{chunk_id}.{attempt}.end"
+
+    @staticmethod
+    def journal_key(seq: int) -> str:
+        return f"jobs/{seq:08d}.json"
+
+    @staticmethod
+    def chunk_id(seq: int) -> str:
+        """A new chunk's id: its sequence number in the run, then randomness."""
+        return f"{seq:08d}-{uuid.uuid4().hex[:12]}"
+
+    @staticmethod
+    def parse_key(key: str) -> tuple[str, str, int]:
+        """``(folder, chunk id, attempt)`` of a chunk's object key (attempt 0 for inputs)."""
+        folder, _, name = key.partition("/")
+        if folder == "chunks":
+            return folder, name.removesuffix(".in"), 0
+        chunk, attempt, _ = name.split(".", 2)
+        return folder, chunk, int(attempt)
 
     @staticmethod
     def blob_key(digest: str) -> str:
@@ -311,6 +345,23 @@ class Store:
 
         return self._retry("read", key, read)
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The bytes of each of ``keys`` that exists: one batched read, which fsspec
+        runs concurrently on object stores."""
+        if not keys:
+            return {}
+        by_path = {self.fs._strip_protocol(self.path(key)): key for key in keys}
+
+        def read() -> dict[str, bytes]:
+            found = self.fs.cat(list(by_path), on_error="omit")
+            if not isinstance(found, dict):  # one path: fsspec returns its bytes alone
+                found = {next(iter(by_path)): found}
+            return {
+                by_path[self.fs._strip_protocol(path)]: bytes(data) for path, data in found.items()
+            }
+
+        return self._retry("read", keys[0].partition("/")[0], read)
+
     def exists(self, key: str) -> bool:
         path = self.path(key)
 
@@ -319,6 +370,40 @@ class Store:
             return bool(self.fs.exists(path))
 
         return self._retry("look for", key, check)
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.put(key, json.dumps(value, indent=1, default=str).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get(key))
+
+    def list(self, folder: str) -> dict[str, int]:
+        """``{key: size}`` of the objects in one of the run's folders (one listing)."""
+        path = self.path(folder)
+
+        def listing() -> dict[str, int]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return {}
+            found: dict[str, int] = {}
+            for entry in entries:
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                if entry.get("type") == "file" and ".tmp-" not in name:
+                    found[f"{folder}/{name}"] = int(entry.get("size") or 0)
+            return found
+
+        return self._retry("list", folder, listing)
+
+    def delete(self, key: str) -> None:
+        def remove() -> None:
+            try:
+                self.fs.rm_file(self.path(key))
+            except FileNotFoundError:
+                pass
+
+        self._retry("delete", key, remove)
 
     def delete_run(self) -> None:
         """Remove the whole run (in batched deletes on object stores), nothing outside it."""

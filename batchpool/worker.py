@@ -35,6 +35,7 @@ from batchpool.backends.base import THREAD_ENV
 from batchpool.codeship import prepare_worker
 from batchpool.errors import EnvironmentMismatchError, IntegrityError
 from batchpool.serialization import (
+    ERROR,
     SECRET_ENV,
     SKIPPED,
     BlobRef,
@@ -163,9 +164,72 @@ def _load_error(exc: BaseException, calls: str) -> BaseException:
     return exc
 
 
-def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
-    """Run one chunk and write its outcome; return how many calls it held."""
+# -- what a job used -------------------------------------------------------------------------
+
+#: Environment variables through which engines name the job running this worker.
+_ENGINE_JOB_ENV = (
+    ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "_"),
+    ("SLURM_JOB_ID", "", ""),
+    ("JOB_ID", "SGE_TASK_ID", "."),
+)
+
+
+def engine_job_id(env: Any = os.environ) -> str:
+    """The engine's id of the job this process runs in ("" when none is known)."""
+    for job_var, task_var, sep in _ENGINE_JOB_ENV:
+        job = env.get(job_var, "")
+        task = env.get(task_var, "") if task_var else ""
+        if job:
+            return f"{job}{sep}{task}" if task and task != "undefined" else job
+    return ""
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), to tell a live
+    process from a later one that reuses its pid; None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so split after its ")".
+    return float(stat_line.rsplit(b")", 1)[1].split()[19])
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _reset_peak_memory() -> None:
+    # Linux keeps the peak resident size (VmHWM) per process; writing 5 to
+    # clear_refs resets it, so a warm pool worker measures each job on its own.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # the process's lifetime peak, where /proc is missing
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> dict[str, Any]:
+    """Run one chunk and write its outcome; return its meta (times, usage, calls failed)."""
     started = time.time()
+    cpu_before = _cpu_seconds()
+    _reset_peak_memory()
     key = store.chunk_key(chunk_id)
     header, groups = decode_chunk(unseal(secret, key, store.get(key)))
     mismatch = environment_mismatch(header)
@@ -182,18 +246,26 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> int:
             _run_groups(groups, serializer, entries)
     finally:
         serialization.blob_resolver = None
+    ended = time.time()
     meta = {
         "chunk": chunk_id,
         "attempt": attempt,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": started,
-        "ended": time.time(),
+        "ended": ended,
+        "wall_seconds": round(ended - started, 6),
+        "cpu_seconds": round(_cpu_seconds() - cpu_before, 6),
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "calls": sum(entry[0] != SKIPPED for entry in entries),
+        "failed": sum(entry[0] == ERROR for entry in entries),
         "blobs_loaded": _blob_cache.loads - loads_before,
     }
+    if mismatch:
+        meta["error"] = f"EnvironmentMismatchError: {mismatch}"
     result_key = store.result_key(chunk_id, attempt)
     store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
-    return len(entries)
+    return meta
 
 
 def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry]) -> None:
@@ -303,13 +375,34 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
     """Run the job that ``args`` names (``--chunk ID --attempt N``), capturing its output."""
     parsed = _job_parser().parse_args(list(args))
     store, secret = _store_from_env(env)
+    chunk, attempt = parsed.chunk, parsed.attempt
+    pid = os.getpid()
+    store.put_json(
+        store.start_key(chunk, attempt),
+        {
+            "chunk": chunk,
+            "attempt": attempt,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_started": process_started(pid),
+            "started": time.time(),
+            "engine_job": engine_job_id(env),
+        },
+    )
+    end: dict[str, Any] = {"chunk": chunk, "attempt": attempt}
     capture.begin()
     try:
-        run_chunk(store, secret, parsed.chunk, parsed.attempt)
+        end = run_chunk(store, secret, chunk, attempt)
+    except BaseException as exc:
+        end["error"] = f"{type(exc).__name__}: {exc}"
+        end["ended"] = time.time()
+        raise
     finally:
         log = capture.end()
         if log:
-            store.put(store.log_key(parsed.chunk, parsed.attempt), log)
+            store.put(store.log_key(chunk, attempt), log)
+        end.pop("blobs_loaded", None)
+        store.put_json(store.end_key(chunk, attempt), end)
 
 
 def _job_parser() -> argparse.ArgumentParser:
@@ -322,12 +415,18 @@ def _job_parser() -> argparse.ArgumentParser:
 # -- the warm pool worker -----------------------------------------------------------------
 
 
+_busy = threading.Lock()  # held while a pool worker runs a job
+
+
 def _exit_when_orphaned(parent: int) -> None:
-    # The pool's parent may be SIGKILLed: a worker must not outlive it.
+    # The pool's parent may be SIGKILLed: a worker must not outlive it by much. An
+    # idle worker exits at once; a busy one first finishes its job, so that the
+    # result is in the store for a client that attaches to the run later.
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
-            os._exit(0)
+            with _busy:
+                os._exit(0)
 
 
 def serve(job_fd: int, event_fd: int) -> None:
@@ -339,7 +438,10 @@ def serve(job_fd: int, event_fd: int) -> None:
     events = os.fdopen(event_fd, "wb", buffering=0)
 
     def send(message: dict[str, Any]) -> None:
-        events.write(json.dumps(message).encode() + b"\n")
+        try:
+            events.write(json.dumps(message).encode() + b"\n")
+        except BrokenPipeError:  # the pool's parent died: nobody is listening
+            pass
 
     hello = json.loads(jobs.readline())
     parent_path = hello["sys_path"]
@@ -352,12 +454,13 @@ def serve(job_fd: int, event_fd: int) -> None:
             break
         os.environ.update(message["env"])
         error = ""
-        try:
-            run_job(message["args"], message["env"], capture)
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            _flush()
+        with _busy:
+            try:
+                run_job(message["args"], message["env"], capture)
+            except BaseException as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                _flush()
         send({"done": message["job"], "error": error})
 
 

@@ -151,6 +151,18 @@ class Backend(abc.ABC):
     #: pool): the user's own modules are then imported there, not shipped by value.
     shares_client_code: ClassVar[bool] = False
 
+    #: True when this backend's job ids name jobs that outlive the client process and
+    #: that another process can query and cancel (a cluster's scheduler); False when
+    #: the jobs live and die with the client (a local pool, a Dask client's futures).
+    #: Then a client that attaches to a run checks the store's markers instead.
+    job_ids_outlive_client: ClassVar[bool] = False
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's manifest records of this backend, so that another process can
+        query and cancel the run's jobs: ``{"name", "options", "environment"}``, where
+        ``make_backend(name, **options)`` with ``environment`` set rebuilds one."""
+        return {"name": self.name or type(self).__name__, "options": {}, "environment": {}}
+
     def explain(self, job_id: str) -> str:
         """Why a job ended without success, in the engine's words (state, reason, exit
         status) and the tail of its output, for the error its calls fail with."""

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Mapping, Sequence
@@ -72,7 +70,7 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
     parsed = worker._job_parser().parse_args(list(args))
     store, _secret = worker._store_from_env(env)
     chunk, attempt = parsed.chunk, parsed.attempt
-    mark = store.event_key(chunk, attempt)
+    mark = store.start_key(chunk, attempt)  # the worker writes it as it starts
     with _job_lock:
         if store.exists(mark):
             if store.exists(store.result_key(chunk, attempt)):
@@ -85,12 +83,6 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
                     "again, which batchpool counts as a lost attempt instead of running the "
                     "calls twice"
                 )
-        store.put(
-            mark,
-            json.dumps(
-                {"started": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-            ).encode(),
-        )
         saved_env = {name: os.environ.get(name) for name in env}
         saved_cwd = os.getcwd() if working_dir else None
         capture = worker._Capture(own_file=True)

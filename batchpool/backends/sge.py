@@ -28,6 +28,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, signal_name
 from batchpool.backends.script import job_script
@@ -167,6 +168,17 @@ class SGEBackend(Backend):
         #: How many times ``qsub`` and ``qstat`` ran (batching is the point of this backend).
         self.qsub_calls = 0
         self.status_calls = 0
+
+    job_ids_outlive_client = True
+
+    def describe(self) -> dict[str, Any]:
+        commands = {k: v for k, v in self._commands.items() if k != "qsub"}
+        environment = {k: os.environ[k] for k in ("SGE_ROOT", "SGE_CELL") if k in os.environ}
+        return {
+            "name": self.name,
+            "options": {**commands, "log_dir": self.log_dir, "queue": self.queue},
+            "environment": environment,
+        }
 
     def __repr__(self) -> str:
         return f"SGEBackend(queue={self.queue!r}, project={self.project!r})"

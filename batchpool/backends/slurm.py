@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources
 from batchpool.backends.script import job_script
@@ -207,6 +208,17 @@ class SlurmBackend(Backend):
         self.sbatch_calls = 0
         #: How many commands ``status`` ran (squeue, sacct, scontrol).
         self.status_calls = 0
+
+    job_ids_outlive_client = True
+
+    def describe(self) -> dict[str, Any]:
+        commands = {k: v for k, v in self._commands.items() if k != "sbatch"}
+        conf = os.environ.get("SLURM_CONF")
+        return {
+            "name": self.name,
+            "options": {**commands, "log_dir": self.log_dir, "partition": self.partition},
+            "environment": {"SLURM_CONF": conf} if conf else {},
+        }
 
     def __repr__(self) -> str:
         where = f"partition={self.partition!r}" if self.partition else "default partition"
