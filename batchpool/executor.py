@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import dataclasses
+import functools
+import hashlib
 import itertools
-import json
 import os
-import re
 import secrets
 import sys
 import threading
@@ -24,7 +25,23 @@ from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
+from batchpool.errors import BatchPoolError
 from batchpool.future import BatchPoolFuture
+from batchpool.progress import Progress
+from batchpool.recovery import (
+    Reopened,
+    adopt,
+    call_key,
+    check_client_gone,
+    find_run,
+    forget_secret,
+    load_secret,
+    reopen,
+    run_slug,
+    save_secret,
+    successful_results,
+)
+from batchpool.runs import Usage, process_started
 from batchpool.serialization import (
     SECRET_ENV,
     BlobRef,
@@ -99,9 +116,8 @@ def _parse_cpus(value: Any) -> float:
 
 
 def _run_id(name: str | None) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "run").strip("-.") or "run"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{slug[:64]}-{stamp}-{secrets.token_hex(4)}"
+    return f"{run_slug(name)}-{stamp}-{secrets.token_hex(4)}"
 
 
 class BatchPoolExecutor(cf.Executor):
@@ -141,6 +157,13 @@ class BatchPoolExecutor(cf.Executor):
       for a group of calls.
     - ``max_poll_interval``: for backends that do not push job events, the longest
       pause between status queries (default 2 s); polls are fast while jobs end.
+    - ``resume``: with ``name``, keep the run at ``<storage>/<name>`` and reuse it:
+      a call whose function and arguments (pickled, hashed) already returned in
+      that run returns the same result without running again; calls that failed
+      or never finished run. Side effects of the calls that are skipped are not
+      repeated. Implies ``cleanup_bucket=False``.
+    - ``cost_per_core_hour``: a price, to turn the core-hours of ``usage()`` (and
+      ``batchpool status``) into an estimated cost.
     - ``ship_code``: pickle functions and classes of your own modules (``__main__``
       and source files that are not installed packages) by value, so workers that
       cannot import them run them anyway. Default: on for backends whose workers do
@@ -168,6 +191,9 @@ class BatchPoolExecutor(cf.Executor):
         ship_code: bool | None = None,
         max_poll_interval: float | None = None,
         job_options: dict[str, Any] | None = None,
+        resume: bool = False,
+        cost_per_core_hour: float | None = None,
+        _reopened: Reopened | None = None,
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
@@ -179,6 +205,7 @@ class BatchPoolExecutor(cf.Executor):
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
         self._serializer = get_serializer(serializer)
+        self._resume = resume
         self.name = name
         self.wait_on_exit = wait_on_exit
         self.cleanup_bucket = cleanup_bucket
@@ -226,11 +253,9 @@ class BatchPoolExecutor(cf.Executor):
         else:
             in_flight = capacity
 
-        self._run_id = _run_id(name)
-        store = Store(fs, f"{root}/{self._run_id}")
-        secret = secrets.token_bytes(32)
+        if cost_per_core_hour is not None and not cost_per_core_hour >= 0:
+            raise ValueError(f"cost_per_core_hour={cost_per_core_hour!r} must be a number >= 0")
         versions = client_versions(self._serializer)
-        job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         settings = {
             "cpus_per_job": cpus,
             "image": image,
@@ -238,27 +263,70 @@ class BatchPoolExecutor(cf.Executor):
             "max_workers": max_workers,
             "max_attempts": max_attempts,
             "cleanup_bucket": cleanup_bucket,
+            "serializer": self._serializer.name,
+            "resume": resume,
+            "cost_per_core_hour": cost_per_core_hour,
+            "job_options": dataclasses.asdict(self._resources),
+        }
+        client = {
+            **versions,
+            "host": os.uname()[1],
+            "pid": os.getpid(),
+            "pid_started": process_started(os.getpid()),
         }
         try:
-            store.create()
-            store.put(
-                store.MANIFEST,
-                json.dumps(
+            if resume and _reopened is None:
+                if not name:
+                    raise ValueError(
+                        "resume=True needs name=...: the run to resume is found by its name"
+                    )
+                self.cleanup_bucket = cleanup_bucket = False
+                settings["cleanup_bucket"] = False
+                resumed = Store(fs, f"{root}/{run_slug(name)}")
+                if resumed.exists(resumed.MANIFEST):
+                    _reopened = reopen(resumed, load_secret(resumed.url))
+                    _check_same_serializer(_reopened, self._serializer.name)
+                    _reopened.results = successful_results(
+                        resumed, _reopened.secret, _reopened.view
+                    )
+            if _reopened is not None:
+                store, secret = _reopened.store, _reopened.secret
+                manifest = dict(_reopened.view.manifest)
+                manifest["client"] = client
+                manifest["backend"] = backend.describe()
+                manifest.setdefault("sessions", []).append(
                     {
+                        "opened": datetime.now(timezone.utc).isoformat(),
+                        "how": _reopened.how,
+                    }
+                )
+                store.put_json(store.MANIFEST, manifest)
+            else:
+                run_id = run_slug(name) if resume else _run_id(name)
+                store = Store(fs, f"{root}/{run_id}")
+                secret = secrets.token_bytes(32)
+                store.create()
+                store.put_json(
+                    store.MANIFEST,
+                    {
+                        "format": 1,
                         "name": name,
-                        "run_id": self._run_id,
+                        "run_id": run_id,
                         "created": datetime.now(timezone.utc).isoformat(),
-                        "client": {**versions, "host": os.uname()[1]},
-                        "backend": type(backend).__name__,
+                        "client": client,
+                        "backend": backend.describe(),
                         "settings": settings,
                     },
-                    indent=2,
-                ).encode(),
-            )
+                )
+                save_secret(store.url, secret)
         except Exception:
             if owns_backend:
                 backend.close()
             raise
+        self._run_id = store.root.rsplit("/", 1)[-1]
+        self._reopened_results = _reopened.results if _reopened is not None else {}
+        self._futures = _reopened.futures if _reopened is not None else []
+        job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         self._store = store
         self._blob_lock = threading.Lock()
         self._blobs_written: set[str] = set()
@@ -273,12 +341,17 @@ class BatchPoolExecutor(cf.Executor):
             header=versions,
             job_env=job_env,
             resources=self._resources,
-            run_name=self._run_id.rsplit("-", 3)[0],
+            run_name=run_slug(name) if name else self._run_id.rsplit("-", 3)[0],
             capacity=capacity,
             in_flight=in_flight,
             max_attempts=max_attempts,
             cleanup=cleanup_bucket,
             max_poll_interval=max_poll_interval,
+            cost_per_core_hour=cost_per_core_hour,
+            next_chunk=_reopened.next_chunk if _reopened is not None else 0,
+            next_journal=_reopened.next_journal if _reopened is not None else 0,
+            adopted=_reopened.adopted if _reopened is not None else (),
+            on_cleanup=functools.partial(forget_secret, store.url),
         )
         _live_watchers.add(self._watcher)
         # If the executor is dropped without shutdown, its calls still finish.
@@ -298,6 +371,93 @@ class BatchPoolExecutor(cf.Executor):
     @property
     def max_workers(self) -> int:
         return self._watcher.capacity
+
+    @property
+    def futures(self) -> list[BatchPoolFuture]:
+        """The calls of the run this executor attached to, in the order they were
+        submitted (see ``attach``); empty for a run this executor created."""
+        return self._futures
+
+    def status(self) -> dict[str, int]:
+        """How many of this executor's calls are in each job state, in Hail's words:
+        Pending (waiting for a free slot here), Ready (queued by the engine),
+        Running, Success, Failed (the call's job had a call that raised), Error (its
+        job ended without a result, every attempt), Cancelled. States with no call
+        are left out. ``batchpool status RUN`` shows the same run job by job.
+        """
+        return self._watcher.status()
+
+    def usage(self) -> Usage:
+        """What the jobs that ended so far used: wall and CPU time, core-hours (wall
+        time times the CPUs each job asked for: what batch services bill), the largest
+        peak memory of a job, and ``cost`` when ``cost_per_core_hour`` was given."""
+        return self._watcher.usage()
+
+    @classmethod
+    def attach(
+        cls,
+        storage: Any = None,
+        name: str | None = None,
+        *,
+        backend: Backend | str | None = None,
+        secret: str | bytes | None = None,
+        storage_options: dict[str, Any] | None = None,
+        force: bool = False,
+        **options: Any,
+    ) -> BatchPoolExecutor:
+        """Take over a run whose client died, from its storage alone.
+
+        ``name`` is the run's id (its folder), or the name it was created with (the
+        newest such run). The returned executor's ``futures`` are the run's calls in
+        the order they were submitted: finished ones have their results; jobs the
+        engine still runs or queues are watched; jobs that died with the old client
+        run again, except a job a worker had started, which is waited for while
+        its worker lives, so no call runs twice. New calls may be submitted too.
+
+        The backend is rebuilt from the run's manifest unless one is given. The run
+        secret comes from ``secret``, ``BATCHPOOL_RUN_SECRET``, or the file the
+        client that created the run kept on this machine. ``options`` are further
+        ``BatchPoolExecutor`` arguments (``max_workers``, ``cleanup_bucket``, ...).
+        """
+        fs, root = open_storage(storage, storage_options)
+        store = find_run(fs, root, name) if name else Store(fs, root)
+        reopened = reopen(store, load_secret(store.url, secret))
+        reopened.how = "attach"
+        manifest = reopened.view.manifest
+        check_client_gone(manifest, force)
+        settings = manifest.get("settings") or {}
+        job_options = dict(settings.get("job_options") or {})
+        cpus = job_options.pop("cpus", settings.get("cpus_per_job"))
+        image = job_options.pop("image", settings.get("image"))
+        if isinstance(job_options.get("env"), list):
+            job_options["env"] = dict(job_options["env"])
+        kwargs: dict[str, Any] = {
+            "name": manifest.get("name"),
+            "cpus_per_job": cpus,
+            "image": image,
+            "project": settings.get("project"),
+            "serializer": settings.get("serializer", "cloudpickle"),
+            "max_attempts": settings.get("max_attempts", 3),
+            "cleanup_bucket": settings.get("cleanup_bucket", False),
+            "cost_per_core_hour": settings.get("cost_per_core_hour"),
+            "job_options": job_options,
+            "max_workers": settings.get("max_workers"),
+        }
+        kwargs.update(options)
+        if backend is None:
+            backend = _backend_from_manifest(manifest)
+        elif isinstance(backend, str):
+            backend = make_backend(backend)
+        resources = Resources(cpus=_parse_cpus(kwargs["cpus_per_job"] or 1), image=image)
+        resources = resources.replace(**kwargs["job_options"])
+        adopt(reopened, backend, resources)
+        try:
+            executor = cls(backend=backend, storage=(fs, root), _reopened=reopened, **kwargs)
+        except BaseException:
+            backend.close()
+            raise
+        executor._watcher._owns_backend = True  # it was made here, for this executor
+        return executor
 
     # -- submit and map --------------------------------------------------------------------
 
@@ -324,9 +484,36 @@ class BatchPoolExecutor(cf.Executor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not a {type(fn).__name__}")
         self._check_open()
+        keys = self._call_keys(fn, [(args, kwargs)])
+        if keys is not None and keys[0] in self._reopened_results:
+            return self._resumed_future(keys[0])
         payload = self._pickle_group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
-        self._enqueue(CallGroup(payload, [future], describe_callable(fn), resources=resources))
+        self._enqueue(
+            CallGroup(payload, [future], describe_callable(fn), resources=resources, keys=keys)
+        )
+        return future
+
+    def _call_keys(self, fn: Callable[..., Any], calls: list[Call]) -> list[str] | None:
+        """Each call's content hash, in a ``resume=True`` run (else None)."""
+        if not self._resume:
+            return None
+        try:
+            dumps = self._serializer.dumps
+            fn_digest = hashlib.sha256(dumps(fn)).digest()
+            return [call_key(fn_digest, call, dumps) for call in calls]
+        except Exception:
+            return None  # pickling fails: the normal path explains why
+
+    def _resumed_future(self, key: str) -> BatchPoolFuture:
+        """The future of a call that already returned in this run: done, not run again."""
+        future = BatchPoolFuture()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(self._serializer.loads(self._reopened_results[key]))
+        except Exception as exc:
+            future.set_exception(exc)
+        self._watcher.count_resumed()
         return future
 
     def put(self, obj: Any) -> BlobRef:
@@ -435,6 +622,7 @@ class BatchPoolExecutor(cf.Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: bool | None = None,
     ) -> Iterator[Any]:
         """``map(fn, *iterables)`` with its calls run as jobs; results in input order.
 
@@ -443,8 +631,10 @@ class BatchPoolExecutor(cf.Executor):
         worker). ``buffersize`` bounds how many chunks are submitted and not yet
         yielded, so an endless generator is read only as fast as results are used.
         An exception raised by a call is raised when its item is reached.
+        ``progress`` shows a tqdm bar of calls done, failed and running: by default
+        only on a terminal and for maps that run longer than two seconds.
         """
-        return self._map(None, fn, iterables, timeout, chunksize, buffersize)
+        return self._map(None, fn, iterables, timeout, chunksize, buffersize, progress)
 
     def _map(
         self,
@@ -454,8 +644,11 @@ class BatchPoolExecutor(cf.Executor):
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
+        progress: bool | None = None,
     ) -> Iterator[Any]:
-        futures = self._map_futures(fn, iterables, timeout, chunksize, buffersize, resources)
+        futures = self._map_futures(
+            fn, iterables, timeout, chunksize, buffersize, resources, progress
+        )
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._result_iterator(futures, deadline)
 
@@ -467,6 +660,7 @@ class BatchPoolExecutor(cf.Executor):
         chunksize: int | None,
         buffersize: int | None,
         resources: Resources | None = None,
+        progress: bool | None = None,
     ) -> Generator[list[BatchPoolFuture], None, None]:
         """Submit ``map``'s chunks (all now, or ``buffersize`` ahead) and yield their futures."""
         if not callable(fn):
@@ -490,18 +684,37 @@ class BatchPoolExecutor(cf.Executor):
 
         first_item = itertools.count()
 
+        bar = Progress(length, label, progress, self._watcher)
+
         def submit_chunk(chunk: list[tuple[Any, ...]]) -> list[BatchPoolFuture]:
             start = next(first_item)
             for _ in range(len(chunk) - 1):
                 next(first_item)
             where = f"{label} in map() (the chunk of items {start} to {start + len(chunk) - 1})"
-            payload = self._pickle_group(fn, [(args, {}) for args in chunk], where)
-            futures = [BatchPoolFuture() for _ in chunk]
-            self._enqueue(CallGroup(payload, futures, label, fixed=True, resources=resources))
+            calls: list[Call] = [(args, {}) for args in chunk]
+            keys = self._call_keys(fn, calls)
+            resumed: list[BatchPoolFuture | None] = [None] * len(calls)
+            if keys is not None:  # resume: calls that returned before are not sent again
+                done = self._reopened_results
+                resumed = [self._resumed_future(k) if k in done else None for k in keys]
+                todo = [i for i, future in enumerate(resumed) if future is None]
+                calls, keys = [calls[i] for i in todo], [keys[i] for i in todo]
+            new: list[BatchPoolFuture] = []
+            if calls:
+                payload = self._pickle_group(fn, calls, where)
+                new = [BatchPoolFuture() for _ in calls]
+                group = CallGroup(payload, new, label, fixed=True, resources=resources, keys=keys)
+                self._enqueue(group)
+            to_run = iter(new)
+            futures = [future or next(to_run) for future in resumed]
+            bar.watch(futures)
             return futures
 
         ahead = None if buffersize is None else buffersize
         submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, ahead))
+
+        if ahead is None:
+            bar.input_done()
 
         def in_order() -> Generator[list[BatchPoolFuture], None, None]:
             try:
@@ -510,6 +723,10 @@ class BatchPoolExecutor(cf.Executor):
                     if ahead is not None:
                         for chunk in itertools.islice(chunks, 1):
                             submitted.append(submit_chunk(chunk))
+                bar.input_done()
+            except GeneratorExit:
+                bar.close()
+                raise
             finally:  # closed early: cancel what was submitted ahead, read no more input
                 for futures in submitted:
                     for future in futures:
@@ -623,6 +840,37 @@ def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
         del future
 
 
+def _backend_from_manifest(manifest: dict[str, Any]) -> Backend:
+    """A backend like the one that ran a run, rebuilt from what its manifest recorded."""
+    recorded = manifest.get("backend")
+    if not isinstance(recorded, dict) or not recorded.get("name"):
+        raise BatchPoolError(
+            f"the manifest of run {manifest.get('run_id')} does not say which backend it "
+            f"used ({recorded!r}); pass backend= to attach"
+        )
+    name = recorded["name"]
+    if name == "local":
+        workers = (manifest.get("settings") or {}).get("max_workers")
+        return LocalBackend(workers)
+    os.environ.update(recorded.get("environment") or {})
+    try:
+        return make_backend(name, **(recorded.get("options") or {}))
+    except Exception as exc:
+        raise BatchPoolError(
+            f"could not rebuild the {name!r} backend of run {manifest.get('run_id')} from its "
+            f"manifest ({type(exc).__name__}: {exc}); pass backend= to attach"
+        ) from exc
+
+
+def _check_same_serializer(reopened: Reopened, serializer: str) -> None:
+    used = (reopened.view.manifest.get("settings") or {}).get("serializer", "cloudpickle")
+    if used != serializer:
+        raise ValueError(
+            f"the run at {reopened.store.url} was made with serializer={used!r}; resume it "
+            f"with the same serializer (not {serializer!r}), or give it another name"
+        )
+
+
 def _resources(base: Resources, changes: dict[str, Any]) -> Resources:
     if "cpus" in changes:
         changes = {**changes, "cpus": _parse_cpus(changes["cpus"])}
@@ -649,8 +897,11 @@ class JobOptions:
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: bool | None = None,
     ) -> Iterator[Any]:
-        return self._executor._map(self.resources, fn, iterables, timeout, chunksize, buffersize)
+        return self._executor._map(
+            self.resources, fn, iterables, timeout, chunksize, buffersize, progress
+        )
 
     async def async_submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any

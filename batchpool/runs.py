@@ -37,8 +37,21 @@ __all__ = [
     "Usage",
     "find_runs",
     "open_run",
+    "process_started",
     "read_run",
 ]
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), to tell a live
+    process from a later one that reuses its pid; None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so split after its ")".
+    return float(stat_line.rsplit(b")", 1)[1].split()[19])
 
 
 # -- usage ------------------------------------------------------------------------------------

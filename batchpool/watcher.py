@@ -24,14 +24,15 @@ import logging
 import queue
 import threading
 import time
-import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
 from batchpool.chunking import coalesce_target
 from batchpool.errors import BatchPoolError, WorkerLostError
-from batchpool.future import BatchPoolFuture, JobRecord
+from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord
+from batchpool.runs import Usage, process_started
 from batchpool.serialization import (
     Group,
     Serializer,
@@ -47,6 +48,8 @@ log = logging.getLogger("batchpool")
 
 _WAKE = object()
 _CANCEL_QUEUED = object()
+#: Lines of a job's log added to the exceptions its calls raised.
+LOG_TAIL_LINES = 20
 #: Seconds between status queries when the backend pushes job events anyway.
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
@@ -64,6 +67,7 @@ class CallGroup:
     label: str  # e.g. "f()", for messages
     fixed: bool = False  # a map chunk, sized already: never merged with other groups
     resources: Resources | None = None  # None: the executor's
+    keys: list[str] | None = None  # each call's content hash, for resume=True runs
 
 
 @dataclass(eq=False)
@@ -78,6 +82,13 @@ class Chunk:
     attempt: int = 1
     job_id: str = ""
     reasons: list[str] = field(default_factory=list)
+    state: str = "Pending"  # JOB_STATES; mirrored into ``record.state``
+    worker: tuple[int, float | None] = (0, None)  # pid, start time: an adopted chunk's
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if self.record is not None:
+            self.record.state = state
 
     def describe(self) -> str:
         calls = sum(f is not None for f in self.futures)
@@ -103,6 +114,11 @@ class Watcher:
         max_attempts: int,
         cleanup: bool,
         max_poll_interval: float | None = None,
+        cost_per_core_hour: float | None = None,
+        next_chunk: int = 0,
+        next_journal: int = 0,
+        adopted: Sequence[Adopted] = (),
+        on_cleanup: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -127,6 +143,15 @@ class Watcher:
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
         self._next_poll = time.monotonic() + self._poll_interval
         self._status_failures = 0
+        self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
+        self._journal_lock = threading.Lock()  # _cancel_one writes from a caller's thread
+        self._next_journal = next_journal
+        self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
+        self._adopted = list(adopted)
+        self._on_cleanup = on_cleanup
+        self._ended: collections.Counter[str] = collections.Counter()  # calls by final state
+        self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
+        self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
         self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
         self._thread.start()
 
@@ -146,9 +171,12 @@ class Watcher:
         with self._lock:
             groups = list(self._pending)
             self._pending.clear()
+        cancelled = 0
         for group in groups:
             for future in group.futures:
-                future.cancel()
+                cancelled += future.cancel()
+        with self._lock:
+            self._ended["Cancelled"] += cancelled
         self._events.put(_WAKE)
 
     def cancel_queued(self) -> None:
@@ -187,6 +215,31 @@ class Watcher:
                 if future is not None:
                     future._cancel_queued()
 
+    def status(self, timeout: float = 30.0) -> dict[str, int]:
+        """Calls by job state (``JOB_STATES``), as the watcher thread sees them now."""
+        if not self._thread.is_alive():  # it ended: every call has ended too
+            return self._count_calls()
+        request = _Request("status")
+        self._events.put(request)
+        return dict(request.wait(timeout))
+
+    def counts_in_own_thread(self) -> dict[str, int] | None:
+        """``status()`` without a round trip, when called from the watcher thread
+        (from a future's done-callback); None from any other thread."""
+        if threading.current_thread() is not self._thread:
+            return None
+        return self._count_calls()
+
+    def count_resumed(self) -> None:
+        """A call of a resumed run returned its earlier result without running."""
+        with self._lock:
+            self._ended["Success"] += 1
+
+    def usage(self) -> Usage:
+        """What the jobs that ended so far used (a copy)."""
+        usage = self._usage
+        return Usage(**{name: getattr(usage, name) for name in usage.__dataclass_fields__})
+
     def stop(self) -> None:
         """No more calls will come: finish what is in flight, clean up, and end."""
         with self._lock:
@@ -205,14 +258,15 @@ class Watcher:
 
     def _run(self) -> None:
         try:
+            self._adopt()
             while True:
                 self._dispatch()
-                if self._inflight and time.monotonic() >= self._next_poll:
+                if (self._inflight or self._orphans) and time.monotonic() >= self._next_poll:
                     self._poll()
                     continue  # jobs it found ended freed slots: dispatch before waiting
                 with self._lock:
                     idle = not self._pending and not self._inflight and not self._retry
-                    if self._stopping and idle:
+                    if self._stopping and idle and not self._orphans:
                         break
                 self._wait_for_events()
         except BaseException as exc:  # never leave a future waiting on a dead thread
@@ -223,7 +277,7 @@ class Watcher:
 
     def _wait_for_events(self) -> None:
         timeout: float | None = None
-        if self._inflight:
+        if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
         try:
             item = self._events.get(timeout=timeout)
@@ -234,12 +288,16 @@ class Watcher:
                 self._on_event(item)
             elif item is _CANCEL_QUEUED:
                 self._cancel_queued_jobs()
+            elif isinstance(item, _Request):
+                item.answer(self._count_calls())
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
                 return
 
     def _dispatch(self) -> None:
+        if self._cancel_requested:
+            return
         ready: list[Chunk] = []
         while self._retry and len(self._inflight) + len(ready) < self._limit:
             ready.append(self._retry.popleft())
@@ -270,6 +328,7 @@ class Watcher:
                     break
                 self._pending.popleft()
                 skip = [i for i, f in enumerate(group.futures) if not f._start()]
+                self._ended["Cancelled"] += len(skip)
                 if len(skip) < len(group.futures):
                     taken.append((group, skip))
                     n_calls += len(group.futures)
@@ -278,12 +337,17 @@ class Watcher:
     def _make_chunk(self, taken: list[tuple[CallGroup, list[int]]]) -> Chunk | None:
         if not taken:
             return None
-        chunk = Chunk(uuid.uuid4().hex, [], [], taken[0][0].resources or self._resources)
+        chunk = Chunk(
+            Store.chunk_id(self._next_chunk), [], [], taken[0][0].resources or self._resources
+        )
+        self._next_chunk += 1
         chunk.record = JobRecord(self.store, chunk.id)
         if not self.backend.bounded:  # an engine with a queue: a queued job can be dropped
             chunk.record.canceller = self._cancel_one
         groups: list[Group] = []
+        keys: list[str] = []
         for group, skip in taken:
+            keys.extend(group.keys or [""] * len(group.futures))
             skipped = set(skip)
             chunk.futures.extend(None if i in skipped else f for i, f in enumerate(group.futures))
             for i, future in enumerate(group.futures):
@@ -293,7 +357,8 @@ class Watcher:
             groups.append((len(group.futures), group.payload, tuple(skip)))
         key = self.store.chunk_key(chunk.id)
         try:
-            self.store.put(key, seal(self._secret, key, encode_chunk(self._header, groups)))
+            header = {**self._header, "labels": chunk.labels, "keys": keys}
+            self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
         except Exception as exc:
             self._fail(chunk, _storage_error("write the input of", chunk, exc))
             return None
@@ -318,7 +383,32 @@ class Watcher:
             if chunk.record is not None:
                 chunk.record.attempt = chunk.attempt
                 chunk.record.job_ids.append(job_id)
+            chunk.set_state("Ready")
             self._inflight[job_id] = chunk
+        # What a client that attaches after this one died needs: which jobs exist.
+        self._journal(
+            handed=[
+                {
+                    "chunk": chunk.id,
+                    "attempt": chunk.attempt,
+                    "job_id": chunk.job_id,
+                    "calls": len(chunk.futures),
+                    "labels": sorted(set(chunk.labels)),
+                    "cpus": chunk.resources.cpus,
+                }
+                for chunk in chunks
+            ]
+        )
+
+    def _journal(self, **entry: Any) -> None:
+        """Append one entry to the run's journal (``jobs/``); a failure only warns."""
+        with self._journal_lock:
+            key = self.store.journal_key(self._next_journal)
+            self._next_journal += 1
+        try:
+            self.store.put_json(key, {"time": time.time(), **entry})
+        except Exception as exc:
+            log.warning("batchpool: could not write %s to the run's journal: %s", key, exc)
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:
         threads = str(max(1, int(chunk.resources.cpus)))
@@ -349,8 +439,11 @@ class Watcher:
                     self.backend.cancel(list(self._inflight))
                 except Exception as cancel_exc:
                     log.warning("batchpool: cancelling jobs given up on failed: %s", cancel_exc)
-        ended = 0
+        ended = self._check_orphans()
         for job_id, state in states.items():
+            chunk = self._inflight.get(job_id)
+            if chunk is not None and state is JobState.RUNNING and chunk.state == "Ready":
+                chunk.set_state("Running")
             if state.is_final and job_id in self._inflight:
                 ended += 1
                 if reason:
@@ -373,6 +466,10 @@ class Watcher:
         chunk = self._inflight.pop(event.job_id, None)
         if chunk is None:  # already handled through a status poll
             return
+        self._collect(chunk, event)
+
+    def _collect(self, chunk: Chunk, event: JobEvent) -> None:
+        """Complete a chunk's futures from its outcome, or handle the job as lost."""
         key = self.store.result_key(chunk.id, chunk.attempt)
         try:
             frame = self.store.get(key)
@@ -383,7 +480,7 @@ class Watcher:
             self._fail(chunk, _storage_error("read the outcome of", chunk, exc))
             return
         try:
-            _meta, entries = decode_outcome(unseal(self._secret, key, frame))
+            meta, entries = decode_outcome(unseal(self._secret, key, frame))
             del frame
             if len(entries) != len(chunk.futures):
                 raise BatchPoolError(
@@ -392,18 +489,63 @@ class Watcher:
         except Exception as exc:
             self._fail(chunk, exc)
             return
+        self._record_end(chunk, meta)
+        outcomes = []
         for future, entry in zip(chunk.futures, entries, strict=True):
             if future is not None:
-                ok, value = entry_outcome(entry, self._serializer)
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
-                del value  # the caller alone keeps the result alive
+                outcomes.append((future, *entry_outcome(entry, self._serializer)))
+        failures = [value for _, ok, value in outcomes if not ok]
+        if failures:
+            self._add_log_tail(chunk, failures)
+        for future, ok, value in outcomes:
+            if future.done():  # cancelled while its job ran
+                self._ended["Cancelled"] += 1
+            elif ok:
+                future.set_result(value)
+                self._ended["Success"] += 1
+            else:
+                future.set_exception(value)
+                self._ended["Failed"] += 1
+        del outcomes, failures  # the callers alone keep results alive
+
+    def _record_end(self, chunk: Chunk, meta: dict[str, Any]) -> None:
+        """Note how a chunk's job ended (its record, the run's usage)."""
+        failed = int(meta.get("failed") or 0)
+        chunk.set_state("Failed" if failed else "Success")
+        record = chunk.record
+        if record is not None:
+            record.host = meta.get("host")
+            record.started, record.ended = meta.get("started"), meta.get("ended")
+            record.cpu_seconds = meta.get("cpu_seconds")
+            record.peak_memory_bytes = meta.get("peak_memory_bytes")
+            calls = meta.get("calls", len(chunk.futures))
+            record.exit = f"{failed} of {calls} calls raised" if failed else "ok"
+        if "wall_seconds" in meta:
+            self._usage.add(meta, chunk.resources.cpus)
+
+    def _add_log_tail(self, chunk: Chunk, failures: list[BaseException]) -> None:
+        """End the exceptions of a chunk's calls with the last lines of its job's log."""
+        log_key = self.store.log_key(chunk.id, chunk.attempt)
+        try:
+            text = self.store.get(log_key).decode("utf-8", errors="replace")
+        except Exception:  # the job printed nothing (no log), or it is unreadable
+            return
+        lines = text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:]
+        if not lines:
+            return
+        note = f"Last lines of the job's log ({self.store.path(log_key)}):\n" + "\n".join(
+            "    " + line for line in lines
+        )
+        for exc in failures:
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(note)
 
     def _lost(self, chunk: Chunk, event: JobEvent) -> None:
         if all(f is None or f.done() for f in chunk.futures):
-            return  # its calls were cancelled (their queued job dropped): nothing to retry
+            # Its calls were cancelled (their queued job dropped): nothing to retry.
+            self._fail(chunk, cf_cancelled(), state="Cancelled", reason="cancelled by the caller")
+            return
         reason = event.reason or f"it ended as {event.state.name}"
         if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
             try:
@@ -413,12 +555,21 @@ class Watcher:
             if detail:
                 reason = f"{reason}: {detail}"
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
+        self._save_log(chunk, reason, event.log_tail)
+        if not self._cancel_requested and self._cancel_marked():
+            self._on_cancel_request()
+        if self._cancel_requested:
+            cancelled = "`batchpool cancel` asked the run to stop"
+            event = JobEvent(event.job_id, JobState.CANCELLED, reason=cancelled)
+            reason = cancelled
         if event.state is not JobState.CANCELLED and chunk.attempt < self._max_attempts:
             log.info("batchpool: chunk %s lost (%s); retrying", chunk.id, reason)
             chunk.attempt += 1
             self._retry.append(chunk)
             return
+        state = "Error"
         if event.state is JobState.CANCELLED:
+            state = "Cancelled"
             headline = f"the job running {chunk.describe()} was cancelled ({reason})"
         else:
             attempts = f"{chunk.attempt} attempt{'s' if chunk.attempt != 1 else ''}"
@@ -430,12 +581,125 @@ class Watcher:
         text = "\n".join([headline, *("  " + r for r in chunk.reasons)])
         if event.log_tail:
             text += "\nLast lines of the job's output:\n" + event.log_tail
-        self._fail(chunk, WorkerLostError(text))
+        self._fail(chunk, WorkerLostError(text), state=state, reason=reason)
 
-    def _fail(self, chunk: Chunk, exc: BaseException) -> None:
+    def _save_log(self, chunk: Chunk, reason: str, tail: str) -> None:
+        """Keep what is known of a job that died without saving its output in ``logs/``,
+        so ``future.logs()`` and ``batchpool logs`` show it from anywhere."""
+        key = self.store.log_key(chunk.id, chunk.attempt)
+        try:
+            if self.store.exists(key):
+                return
+            text = f"batchpool: the job ended without a result: {reason}\n"
+            if tail:
+                text += f"Last lines of its output:\n{tail.rstrip()}\n"
+            self.store.put(key, text.encode())
+        except Exception as exc:
+            log.warning("batchpool: could not save the log of a lost job at %s: %s", key, exc)
+
+    def _cancel_marked(self) -> bool:
+        """Whether ``batchpool cancel`` asked this run to stop (checked when a job is lost,
+        as a cancel through the engine makes jobs end without a result)."""
+        try:
+            return self.store.exists(self.store.CANCEL)
+        except Exception:
+            return False
+
+    def _on_cancel_request(self) -> None:
+        """Stop the run: nothing more is dispatched or retried, queued calls are cancelled."""
+        log.warning("batchpool: the run %s was cancelled (batchpool cancel)", self.store.url)
+        self._cancel_requested = True
+        self.cancel_pending()
+        if self._inflight:  # each ends as CANCELLED, and is not retried
+            try:
+                self.backend.cancel(list(self._inflight))
+            except Exception as exc:
+                log.warning("batchpool: cancelling the jobs in flight failed: %s", exc)
+        for chunk in list(self._retry):
+            self._fail(
+                chunk,
+                WorkerLostError(f"{chunk.describe()} was cancelled before its retry ran"),
+                state="Cancelled",
+                reason="batchpool cancel",
+            )
+        self._retry.clear()
+
+    def _fail(
+        self, chunk: Chunk, exc: BaseException, *, state: str = "Error", reason: str = ""
+    ) -> None:
+        chunk.set_state(state)
+        if chunk.record is not None:
+            ended = "cancelled" if state == "Cancelled" else "lost"
+            chunk.record.exit = f"{ended}: {reason or exc}"
         for future in chunk.futures:
-            if future is not None and not future.done():
+            if future is None:
+                continue
+            if not future.done():
                 future.set_exception(exc)
+                self._ended[state] += 1
+            elif future.cancelled():
+                self._ended["Cancelled"] += 1
+        self._journal(
+            given_up=[
+                {
+                    "chunk": chunk.id,
+                    "attempt": chunk.attempt,
+                    "state": state,
+                    "reason": (reason or f"{type(exc).__name__}: {exc}")[:2000],
+                }
+            ]
+        )
+
+    # -- a run adopted from a client that died -------------------------------------------
+
+    def _adopt(self) -> None:
+        """Take over the chunks of a run whose client died (``BatchPoolExecutor.attach``)."""
+        for item in self._adopted:
+            chunk = item.chunk
+            if item.how == "done":
+                self._collect(chunk, JobEvent(chunk.job_id, JobState.SUCCEEDED))
+            elif item.how == "engine":  # the engine still knows the job: poll it as ours
+                chunk.set_state("Ready")
+                self._inflight[chunk.job_id] = chunk
+            elif item.how == "orphan":  # a worker on this machine still runs it
+                chunk.set_state("Running")
+                self._orphans[chunk.id] = chunk
+                chunk.worker = (item.pid, item.pid_started)
+            elif item.how == "given_up":  # the client that died had given up on it
+                why = "; ".join(chunk.reasons)
+                self._fail(chunk, WorkerLostError(f"{chunk.describe()} failed: {why}"))
+            else:  # never handed to an engine, or handed to one that died with the client
+                self._retry.append(chunk)
+        self._adopted.clear()
+
+    def _check_orphans(self) -> int:
+        """Collect the adopted chunks whose workers finished; how many did."""
+        ended = 0
+        for chunk in list(self._orphans.values()):
+            if not self.store.exists(self.store.result_key(chunk.id, chunk.attempt)):
+                pid, pid_started = chunk.worker
+                if pid_started is not None and process_started(pid) == pid_started:
+                    continue  # still running
+            del self._orphans[chunk.id]
+            ended += 1
+            why = "its worker ended without a result after the client that started it died"
+            self._collect(chunk, JobEvent(chunk.job_id, JobState.LOST, reason=why))
+        return ended
+
+    def _count_calls(self) -> dict[str, int]:
+        counts: collections.Counter[str] = collections.Counter()
+        with self._lock:
+            pending = [f for group in self._pending for f in group.futures]
+            counts.update(self._ended)
+        for future in pending:
+            counts["Cancelled" if future.cancelled() else "Pending"] += 1
+        chunks = [*self._retry, *self._inflight.values(), *self._orphans.values()]
+        for chunk in chunks:
+            state = "Pending" if chunk in self._retry else chunk.state
+            for call in chunk.futures:
+                if call is not None:
+                    counts["Cancelled" if call.cancelled() else state] += 1
+        return {state: counts[state] for state in JOB_STATES if counts[state]}
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._lock:
@@ -458,6 +722,8 @@ class Watcher:
         self._retry.clear()
 
     def _close(self) -> None:
+        if not self._cleanup:
+            self._journal(closed=time.time(), usage=self._usage.as_dict())
         if self._owns_backend:
             try:
                 self.backend.close()
@@ -466,8 +732,47 @@ class Watcher:
         if self._cleanup:
             try:
                 self.store.delete_run()
+                if self._on_cleanup is not None:
+                    self._on_cleanup()
             except Exception as exc:
                 log.warning("batchpool: could not delete the run at %s: %s", self.store.url, exc)
+
+
+@dataclass(eq=False)
+class Adopted:
+    """A chunk of an attached run, and how to take it over (see ``_adopt``)."""
+
+    chunk: Chunk
+    how: str  # "done", "given_up", "engine", "orphan" or "new"
+    pid: int = 0
+    pid_started: float | None = None
+
+
+class _Request:
+    """A question for the watcher thread, answered from its loop."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._answered = threading.Event()
+        self._value: Any = None
+
+    def answer(self, value: Any) -> None:
+        self._value = value
+        self._answered.set()
+
+    def wait(self, timeout: float) -> Any:
+        if not self._answered.wait(timeout):
+            raise TimeoutError(
+                f"the executor's watcher thread did not answer within {timeout} s; it may be "
+                "waiting on storage (see the log of the 'batchpool' logger)"
+            )
+        return self._value
+
+
+def cf_cancelled() -> BaseException:
+    import concurrent.futures as cf
+
+    return cf.CancelledError("cancelled")
 
 
 def _storage_error(what: str, chunk: Chunk, exc: Exception) -> BatchPoolError:

@@ -34,6 +34,7 @@ from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
 from batchpool.codeship import prepare_worker
 from batchpool.errors import EnvironmentMismatchError, IntegrityError
+from batchpool.runs import process_started
 from batchpool.serialization import (
     ERROR,
     SECRET_ENV,
@@ -182,18 +183,6 @@ def engine_job_id(env: Any = os.environ) -> str:
         if job:
             return f"{job}{sep}{task}" if task and task != "undefined" else job
     return ""
-
-
-def process_started(pid: int) -> float | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux), to tell a live
-    process from a later one that reuses its pid; None where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its ")".
-    return float(stat_line.rsplit(b")", 1)[1].split()[19])
 
 
 def _cpu_seconds() -> float:
@@ -377,7 +366,8 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
     store, secret = _store_from_env(env)
     chunk, attempt = parsed.chunk, parsed.attempt
     pid = os.getpid()
-    store.put_json(
+    _put_marker(
+        store,
         store.start_key(chunk, attempt),
         {
             "chunk": chunk,
@@ -402,7 +392,16 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
         if log:
             store.put(store.log_key(chunk, attempt), log)
         end.pop("blobs_loaded", None)
-        store.put_json(store.end_key(chunk, attempt), end)
+        _put_marker(store, store.end_key(chunk, attempt), end)
+
+
+def _put_marker(store: Store, key: str, marker: dict[str, Any]) -> None:
+    """Write a start or end marker. They tell people and the CLI how the job went; a
+    job whose storage refuses them still runs, and says so in its log."""
+    try:
+        store.put_json(key, marker)
+    except Exception as exc:
+        sys.stderr.write(f"batchpool: could not write the marker {key}: {exc}\n")
 
 
 def _job_parser() -> argparse.ArgumentParser:

@@ -387,7 +387,12 @@ def test_future_logs_and_job(tmp_path: Path) -> None:
         assert retried.result() == "ok"
         assert retried.job is not None and retried.job.attempt == 2
         assert len(retried.job.job_ids) == 2
-        assert retried.logs() == "--- attempt 2 ---\nsecond attempt\n"
+        # The attempt that died saved no output of its own: the client kept why it died.
+        assert retried.logs() == (
+            "--- attempt 1 ---\n"
+            "batchpool: the job ended without a result: its worker process exited with code 3\n"
+            "--- attempt 2 ---\nsecond attempt\n"
+        )
         silent = ex.submit(triple, 1)
         assert silent.result() == 3 and silent.logs() == ""
     assert future.logs() == ""  # cleanup_bucket deleted the run, logs and all

@@ -86,7 +86,8 @@ def test_workers_that_cannot_read_their_chunk_fail_the_calls_clearly(tmp_path: P
 
 def test_operation_counts_per_chunk(tmp_path: Path) -> None:
     """A map of 1,000 calls in 50 chunks: per chunk one input write and read, one outcome
-    write and read, no log for silent calls, no listing; the run deleted at the end."""
+    write and read, two small markers, no log for silent calls, no listing; the run
+    deleted at the end."""
     log = str(tmp_path / "ops.log")
     fs = FaultyLocal(log=log)
     with BatchPoolExecutor(max_workers=2, storage=(fs, str(tmp_path / "runs"))) as ex:
@@ -102,6 +103,11 @@ def test_operation_counts_per_chunk(tmp_path: Path) -> None:
     assert ops["put", "results"] == ops["move", "results"] == 50
     assert ops["get", "results"] == 50
     assert ops["put", "logs"] == 0
+    # A start and an end marker per job, and one journal entry per hand-over to the
+    # backend (a batch of jobs); nothing the client polls.
+    assert ops["put", "events"] == 100
+    assert 1 <= ops["put", "jobs"] <= 50
+    assert ops["get", "events"] == ops["get", "jobs"] == 0
     assert ops["list", ""] == 0
     assert ops["delete", ""] == 1  # cleanup_bucket: one recursive delete of the run
 

@@ -494,7 +494,8 @@ def test_manifest_written_at_creation(tmp_path):
         manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["name"] == "my run"
     assert manifest["run_id"] == folder.name
-    assert manifest["backend"] == "LocalBackend"
+    assert manifest["backend"] == {"name": "local", "options": {}, "environment": {}}
+    assert manifest["client"]["pid"] == os.getpid()
     assert manifest["created"]
     client = manifest["client"]
     assert client["python"] == platform.python_version()
