@@ -7,7 +7,7 @@ State machine of a call::
         --job ends without one--> retried (new attempt) or future fails with WorkerLostError
 
 Only this thread touches ``_inflight`` and ``_retry``; callers touch ``_pending``
-under ``_lock`` (``enqueue``, ``cancel_pending``). Everything else reaches the
+and ``_parked`` under ``_lock`` (``enqueue``, ``cancel_pending``). Everything else reaches the
 thread through ``_events``: job events pushed by the backend, and wake-ups.
 
 A call's future is marked running when its chunk is handed to the backend, as
@@ -82,6 +82,8 @@ class Chunk:
     attempt: int = 1
     job_id: str = ""
     reasons: list[str] = field(default_factory=list)
+    #: Calls cancelled after the chunk's input was written: the worker skips them.
+    late_skip: list[int] = field(default_factory=list)
     state: str = "Pending"  # JOB_STATES; mirrored into ``record.state``
     worker: tuple[int, float | None] = (0, None)  # pid, start time: an adopted chunk's
 
@@ -138,6 +140,9 @@ class Watcher:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, Chunk] = {}  # job id -> chunk
         self._retry: collections.deque[Chunk] = collections.deque()
+        # Chunks written ahead, waiting for a free slot: a backlog lives in the store,
+        # not only in this process, so a client that dies loses no call (see attach).
+        self._parked: collections.deque[Chunk] = collections.deque()
         self._stopping = False
         self._poll_ceiling = POLL_MAX if max_poll_interval is None else max_poll_interval
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
@@ -175,6 +180,10 @@ class Watcher:
         for group in groups:
             for future in group.futures:
                 cancelled += future.cancel()
+        with self._lock:  # parked chunks: their calls are skipped when handed over
+            parked = [f for chunk in self._parked for f in chunk.futures if f is not None]
+        for future in parked:
+            future.cancel()  # counted when the chunk is handed over
         with self._lock:
             self._ended["Cancelled"] += cancelled
         self._events.put(_WAKE)
@@ -265,7 +274,7 @@ class Watcher:
                     self._poll()
                     continue  # jobs it found ended freed slots: dispatch before waiting
                 with self._lock:
-                    idle = not self._pending and not self._inflight and not self._retry
+                    idle = not (self._pending or self._parked or self._inflight or self._retry)
                     if self._stopping and idle and not self._orphans:
                         break
                 self._wait_for_events()
@@ -302,7 +311,14 @@ class Watcher:
         while self._retry and len(self._inflight) + len(ready) < self._limit:
             ready.append(self._retry.popleft())
         while len(self._inflight) + len(ready) < self._limit:
-            groups = self._take_groups()
+            with self._lock:
+                parked = self._parked.popleft() if self._parked else None
+            if parked is None:
+                break
+            if self._start_parked(parked):
+                ready.append(parked)
+        while len(self._inflight) + len(ready) < self._limit:
+            groups = self._take_groups(len(ready))
             if not groups:
                 break
             chunk = self._make_chunk(groups)
@@ -310,14 +326,52 @@ class Watcher:
                 ready.append(chunk)
         if ready:
             self._submit(ready)
+        self._park_backlog()
 
-    def _take_groups(self) -> list[tuple[CallGroup, list[int]]]:
-        """The next chunk's groups, with the indices of calls cancelled meanwhile."""
+    def _park_backlog(self) -> None:
+        """Write the calls that wait for a free slot into chunks now."""
+        while True:
+            groups = self._take_groups(0, start=False)
+            if not groups:
+                return
+            chunk = self._make_chunk(groups)
+            if chunk is not None:
+                with self._lock:
+                    self._parked.append(chunk)
+
+    def _start_parked(self, chunk: Chunk) -> bool:
+        """Mark a parked chunk's calls running as it is handed over; False when every
+        call was cancelled while it waited (the chunk is dropped)."""
+        for i, future in enumerate(chunk.futures):
+            if future is not None and not future._start():
+                chunk.futures[i] = None
+                chunk.late_skip.append(i)
+                self._ended["Cancelled"] += 1
+        if any(f is not None for f in chunk.futures):
+            return True
+        chunk.set_state("Cancelled")
+        self._journal(
+            given_up=[
+                {
+                    "chunk": chunk.id,
+                    "attempt": chunk.attempt,
+                    "state": "Cancelled",
+                    "reason": "every call was cancelled before the job was handed over",
+                }
+            ]
+        )
+        return False
+
+    def _take_groups(self, readied: int, start: bool = True) -> list[tuple[CallGroup, list[int]]]:
+        """The next chunk's groups, with the indices of calls cancelled meanwhile.
+
+        ``start`` marks the calls running (they are handed to the backend now);
+        otherwise they are parked and stay cancellable."""
         taken: list[tuple[CallGroup, list[int]]] = []
         with self._lock:
             if not self._pending:
                 return taken
-            free = self._limit - len(self._inflight)
+            free = max(0, self._limit - len(self._inflight) - readied) if start else 0
             target = coalesce_target(len(self._pending), free, self._limit)
             n_calls = 0
             while self._pending and n_calls < target:
@@ -327,7 +381,10 @@ class Watcher:
                 ):
                     break
                 self._pending.popleft()
-                skip = [i for i, f in enumerate(group.futures) if not f._start()]
+                if start:
+                    skip = [i for i, f in enumerate(group.futures) if not f._start()]
+                else:
+                    skip = [i for i, f in enumerate(group.futures) if f.cancelled()]
                 self._ended["Cancelled"] += len(skip)
                 if len(skip) < len(group.futures):
                     taken.append((group, skip))
@@ -412,9 +469,12 @@ class Watcher:
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:
         threads = str(max(1, int(chunk.resources.cpus)))
+        args = ["--chunk", chunk.id, "--attempt", str(chunk.attempt)]
+        if chunk.late_skip:
+            args += ["--skip", ",".join(map(str, chunk.late_skip))]
         return JobSpec(
             name=f"{self._run_name}-{chunk.id[:8]}-{chunk.attempt}",
-            args=("--chunk", chunk.id, "--attempt", str(chunk.attempt)),
+            args=tuple(args),
             env={**self._job_env, **dict.fromkeys(THREAD_ENV, threads)},
             resources=chunk.resources,
         )
@@ -690,6 +750,7 @@ class Watcher:
         counts: collections.Counter[str] = collections.Counter()
         with self._lock:
             pending = [f for group in self._pending for f in group.futures]
+            pending += [f for chunk in self._parked for f in chunk.futures if f is not None]
             counts.update(self._ended)
         for future in pending:
             counts["Cancelled" if future.cancelled() else "Pending"] += 1
@@ -712,6 +773,13 @@ class Watcher:
                 self.backend.cancel(list(self._inflight))
             except Exception:
                 log.exception("batchpool: cancelling the jobs in flight failed")
+        with self._lock:
+            parked = list(self._parked)
+            self._parked.clear()
+        for chunk in parked:
+            for future in chunk.futures:
+                if future is not None and future._start():
+                    future.set_exception(error)
         for chunk in [*self._inflight.values(), *self._retry]:
             self._fail(chunk, error)
         for group in groups:

@@ -214,13 +214,19 @@ def _peak_memory_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> dict[str, Any]:
-    """Run one chunk and write its outcome; return its meta (times, usage, calls failed)."""
+def run_chunk(
+    store: Store, secret: bytes, chunk_id: str, attempt: int, skip: frozenset[int] = frozenset()
+) -> dict[str, Any]:
+    """Run one chunk and write its outcome; return its meta (times, usage, calls failed).
+
+    ``skip``: indices of the chunk's calls (across its groups) not to run."""
     started = time.time()
     cpu_before = _cpu_seconds()
     _reset_peak_memory()
     key = store.chunk_key(chunk_id)
     header, groups = decode_chunk(unseal(secret, key, store.get(key)))
+    if skip:
+        groups = _skip_calls(groups, skip)
     mismatch = environment_mismatch(header)
     serializer = get_serializer("cloudpickle" if mismatch else header["serializer"])
     prepare_worker(serializer.name)
@@ -255,6 +261,17 @@ def run_chunk(store: Store, secret: bytes, chunk_id: str, attempt: int) -> dict[
     result_key = store.result_key(chunk_id, attempt)
     store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
     return meta
+
+
+def _skip_calls(groups: list[Group], skip: frozenset[int]) -> list[Group]:
+    """``groups`` with the calls at chunk-wide indices ``skip`` marked skipped too."""
+    adjusted: list[Group] = []
+    first = 0
+    for n_calls, payload, skipped in groups:
+        more = {i - first for i in skip if first <= i < first + n_calls}
+        adjusted.append((n_calls, payload, tuple(sorted({*skipped, *more}))))
+        first += n_calls
+    return adjusted
 
 
 def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry]) -> None:
@@ -382,7 +399,8 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
     end: dict[str, Any] = {"chunk": chunk, "attempt": attempt}
     capture.begin()
     try:
-        end = run_chunk(store, secret, chunk, attempt)
+        skip = frozenset(int(i) for i in parsed.skip.split(",") if i)
+        end = run_chunk(store, secret, chunk, attempt, skip)
     except BaseException as exc:
         end["error"] = f"{type(exc).__name__}: {exc}"
         end["ended"] = time.time()
@@ -408,6 +426,11 @@ def _job_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m batchpool.worker")
     parser.add_argument("--chunk", required=True, help="the chunk id to run")
     parser.add_argument("--attempt", type=int, required=True, help="this job's attempt number")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated indices of calls cancelled after the chunk was written",
+    )
     return parser
 
 
