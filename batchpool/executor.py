@@ -301,6 +301,9 @@ class BatchPoolExecutor(cf.Executor):
                     }
                 )
                 store.put_json(store.MANIFEST, manifest)
+                # The journal says the run is open again (an earlier session closed it).
+                store.put_json(store.journal_key(_reopened.next_journal), {"opened": time.time()})
+                _reopened.next_journal += 1
             else:
                 run_id = run_slug(name) if resume else _run_id(name)
                 store = Store(fs, f"{root}/{run_id}")
@@ -424,7 +427,7 @@ class BatchPoolExecutor(cf.Executor):
         reopened = reopen(store, load_secret(store.url, secret))
         reopened.how = "attach"
         manifest = reopened.view.manifest
-        check_client_gone(manifest, force)
+        check_client_gone(reopened.view, force)
         settings = manifest.get("settings") or {}
         job_options = dict(settings.get("job_options") or {})
         cpus = job_options.pop("cpus", settings.get("cpus_per_job"))

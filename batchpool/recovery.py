@@ -139,11 +139,14 @@ def next_sequences(view: RunView) -> tuple[int, int]:
     return chunk, view.journal_entries
 
 
-def check_client_gone(manifest: dict[str, Any], force: bool) -> None:
-    """Refuse to attach while the run's client still runs on this machine."""
+def check_client_gone(view: RunView, force: bool) -> None:
+    """Refuse to attach while the run's client still uses it on this machine."""
+    manifest = view.manifest
     client = manifest.get("client") or {}
     pid, started = client.get("pid"), client.get("pid_started")
-    if force or client.get("host") != socket.gethostname() or not pid or started is None:
+    if force or view.closed is not None:  # it shut down: nothing runs twice
+        return
+    if client.get("host") != socket.gethostname() or not pid or started is None:
         return
     if process_started(int(pid)) == started:
         raise BatchPoolError(

@@ -50,8 +50,12 @@ def process_started(pid: int) -> float | None:
             stat_line = f.read()
     except OSError:
         return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its ")".
-    return float(stat_line.rsplit(b")", 1)[1].split()[19])
+    # The command name (field 2) may hold spaces: split after its ")". Then field 3
+    # is the state (a zombie has ended, whoever reaps it) and field 22 the start time.
+    fields = stat_line.rsplit(b")", 1)[1].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return float(fields[19])
 
 
 # -- usage ------------------------------------------------------------------------------------
@@ -166,6 +170,8 @@ class JobView:
     def duration(self) -> float | None:
         if self.started is None:
             return None
+        if self.ended is None and self.state in FINAL_STATES:
+            return None  # it ended without saying when (killed, given up)
         end = self.ended if self.ended is not None else time.time()
         return end - self.started
 
@@ -356,6 +362,8 @@ def read_run(store: Store) -> RunView:
             final[given_up["chunk"]] = given_up
         if "closed" in entry:
             closed = entry["closed"]
+        if "opened" in entry:  # a later session (attach, resume=True) opened it again
+            closed = None
     for key in marker_keys:
         _, chunk, attempt = store.parse_key(key)
         marker = objects.get(key)
@@ -407,6 +415,9 @@ def _derive(view: JobView, results: set[tuple[str, int]], given_up: dict[str, An
         elif failed:
             view.state = "Failed"
             view.exit = f"{failed} of {view.calls if view.calls is not None else '?'} calls raised"
+            errors = (end or {}).get("errors") or []
+            if errors:
+                view.exit += f": {errors[0]}"
         else:
             view.state, view.exit = "Success", "ok"
     elif given_up is not None:
@@ -437,7 +448,7 @@ def open_run(target: str | Store, storage_options: dict[str, Any] | None = None)
 
 def find_runs(storage: Any, storage_options: dict[str, Any] | None = None) -> list[Store]:
     """The runs directly inside a storage root (folders holding a ``manifest.json``),
-    oldest first by name's time stamp."""
+    in the order of their folder names (a run's name, then its creation time)."""
     fs, root = open_storage(storage, storage_options)
     root = root.rstrip("/")
     fs.invalidate_cache(root)

@@ -54,6 +54,8 @@ LOG_TAIL_LINES = 20
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
 POLL_MIN, POLL_MAX = 0.05, 2.0
+#: How often the chunks of an attached run that old workers still run are checked.
+ORPHAN_POLL = 0.5
 #: Status queries that may fail in a row before the jobs in flight count as lost.
 MAX_STATUS_FAILURES = 10
 
@@ -516,7 +518,8 @@ class Watcher:
         if not self.backend.notifies:
             backoff = min(self._poll_ceiling, self._poll_interval * 2)
             self._poll_interval = POLL_MIN if ended else backoff
-        self._next_poll = time.monotonic() + self._poll_interval
+        interval = min(self._poll_interval, ORPHAN_POLL) if self._orphans else self._poll_interval
+        self._next_poll = time.monotonic() + interval
 
     # -- a job ended ----------------------------------------------------------------------
 
@@ -731,6 +734,7 @@ class Watcher:
             else:  # never handed to an engine, or handed to one that died with the client
                 self._retry.append(chunk)
         self._adopted.clear()
+        self._next_poll = time.monotonic()  # look at the adopted jobs at once
 
     def _check_orphans(self) -> int:
         """Collect the adopted chunks whose workers finished; how many did."""

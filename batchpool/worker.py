@@ -254,6 +254,8 @@ def run_chunk(
         "peak_memory_bytes": _peak_memory_bytes(),
         "calls": sum(entry[0] != SKIPPED for entry in entries),
         "failed": sum(entry[0] == ERROR for entry in entries),
+        # The first few, readable without the secret (``batchpool status``).
+        "errors": [f"{e[2]}: {e[3]}"[:300] for e in entries if e[0] == ERROR][:3],
         "blobs_loaded": _blob_cache.loads - loads_before,
     }
     if mismatch:

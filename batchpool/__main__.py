@@ -1,0 +1,3 @@
+from batchpool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,957 @@
+"""The ``batchpool`` command: list, inspect, cancel and clean runs, from their storage.
+
+Every subcommand reads the run's store (see ``store.py``) through ``runs.py``;
+``status`` and ``cancel`` also ask the engine recorded in the run's manifest
+when its job ids outlive the client (Slurm, SGE). Nothing here needs the run's
+secret, so the command works from any machine that reaches the storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from batchpool.backends.base import Backend, JobState, backend_class, make_backend
+from batchpool.future import FINAL_STATES
+from batchpool.runs import JobView, RunView, find_runs, format_bytes, process_started, read_run
+from batchpool.store import StorageError, Store, open_storage
+
+EXIT_OK = 0
+#: The command worked and found trouble: a job failed, or there was nothing to cancel.
+EXIT_TROUBLE = 1
+#: Bad usage, or what was named is not a run, does not exist, or holds no such chunk.
+EXIT_USAGE = 2
+#: The storage or the engine could not be reached, or an engine command failed.
+EXIT_UNREACHABLE = 3
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  ok
+  1  the command worked but found trouble: `status` found a job Failed, Error or
+     Cancelled; `cancel` found nothing left to cancel; `clean` skipped a run
+  2  bad usage, RUN or STORAGE is not a run or does not exist, or CHUNK is unknown
+  3  the storage or the engine is unreachable, or a command of the engine failed
+"""
+
+#: States of jobs that may still run.
+ACTIVE_STATES = ("Pending", "Ready", "Running")
+#: States of jobs that ended without every call succeeding.
+TROUBLE_STATES = ("Failed", "Error", "Cancelled")
+#: Backend names under which a run's jobs ran in a local pool of the client
+#: (older manifests recorded the class name).
+LOCAL_BACKENDS = frozenset({"local", "LocalBackend"})
+#: How long one storage operation of the command retries transient failures (seconds).
+RETRY_DEADLINE = 30.0
+CHUNK_WIDTH = 14
+EXIT_WIDTH = 40
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+AGE_FORMS = "30s, 15m, 12h, 7d or 2w, or combined like 1d12h"
+
+
+class CommandError(Exception):
+    """What went wrong, as one line for stderr, and the command's exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned on the widest cell, three spaces apart, as ``kubectl get`` prints."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [list(headers), *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_age(seconds: float) -> str:
+    """``45s``, ``5m``, ``3h`` or ``2d``: the largest whole unit."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1.2s``, ``3m04s`` or ``2h05m``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def format_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "-"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def shorten(text: str, width: int = EXIT_WIDTH) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def parse_age(text: str) -> float:
+    """Seconds of an age like ``7d``, ``12h`` or ``1d12h``."""
+    compact = text.replace(" ", "").lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise CommandError(
+            f"--older-than {text!r} is not an age; give a number and a unit: {AGE_FORMS}"
+        )
+    return sum(float(n) * AGE_UNITS[u] for n, u in parts)
+
+
+def iso_time(text: Any) -> float | None:
+    """Epoch seconds of an ISO 8601 time (as manifests record them); None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def created_time(run: RunView) -> float | None:
+    """When the run was created (epoch seconds), from its manifest."""
+    return iso_time(run.created)
+
+
+def format_created(run: RunView) -> str:
+    created = created_time(run)
+    if created is None:
+        return "?"
+    return datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M")
+
+
+def format_age_of(run: RunView) -> str:
+    created = created_time(run)
+    return "?" if created is None else format_age(time.time() - created)
+
+
+def print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, default=str))
+
+
+# -- finding the store and the run ------------------------------------------------------------
+
+
+def open_root(target: str, options: Mapping[str, Any]) -> Store:
+    """The store of a folder or URL (a run or a storage root)."""
+    try:
+        fs, root = open_storage(target, dict(options))
+    except (TypeError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    return Store(fs, root, retry_deadline=RETRY_DEADLINE)
+
+
+def runs_in(store: Store) -> list[Store]:
+    """The runs directly inside ``store``'s folder, oldest first."""
+    return [
+        Store(run.fs, run.root, retry_deadline=RETRY_DEADLINE)
+        for run in find_runs((store.fs, store.root))
+    ]
+
+
+def folder_exists(store: Store) -> bool:
+    try:
+        store.fs.invalidate_cache(store.root)
+        return bool(store.fs.exists(store.root))
+    except OSError as exc:
+        raise StorageError(f"could not look for {store.url}: {type(exc).__name__}: {exc}") from exc
+
+
+def storage_exists(store: Store) -> bool:
+    """Whether a folder that holds runs exists; on object stores, where a folder exists
+    only while objects are under it, whether its bucket does."""
+    if folder_exists(store):
+        return True
+    if isinstance(store.fs, LocalFileSystem):
+        return False
+    bucket = store.root.split("/", 1)[0]
+    return bucket != store.root and folder_exists(Store(store.fs, bucket))
+
+
+def read_manifest(store: Store) -> dict[str, Any]:
+    try:
+        manifest = store.get_json(Store.MANIFEST)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def run_names(stores: Sequence[Store], limit: int = 5) -> str:
+    names = [s.root.rsplit("/", 1)[-1] for s in stores[-limit:]]
+    more = len(stores) - len(names)
+    return ", ".join(names) + (f" (and {more} more)" if more > 0 else "")
+
+
+def resolve_run(target: str, options: Mapping[str, Any], *, unique: bool = False) -> Store:
+    """The run that ``target`` names: a run's folder or URL; else the newest run beside it
+    whose id starts with ``target``'s last part or whose name is that part (the only one
+    when ``unique``)."""
+    store = open_root(target, options)
+    if store.exists(Store.MANIFEST):
+        return store
+    parent_root, _, wanted = store.root.rpartition("/")
+    parent = Store(store.fs, parent_root, retry_deadline=RETRY_DEADLINE) if parent_root else None
+    siblings = runs_in(parent) if parent is not None and wanted else []
+    matches = []
+    for run in siblings:
+        manifest = read_manifest(run)
+        run_id = str(manifest.get("run_id") or run.root.rsplit("/", 1)[-1])
+        if run_id.startswith(wanted) or manifest.get("name") == wanted:
+            matches.append((iso_time(manifest.get("created")) or 0.0, run.root, run))
+    matches.sort(key=lambda match: (match[0], match[1]))
+    if len(matches) == 1 or (matches and not unique):
+        return matches[-1][2]
+    if matches:
+        raise CommandError(
+            f"{target} names {plural(len(matches), 'run')}: {run_names([m[2] for m in matches])}; "
+            "give the folder of the one you mean"
+        )
+    exists = folder_exists(store)
+    inside = runs_in(store) if exists else []
+    if inside:
+        raise CommandError(
+            f"{target} is not a run but a storage folder holding {plural(len(inside), 'run')}: "
+            f"{run_names(inside)}; give the folder of one of them"
+        )
+    if not exists and not siblings and (parent is None or not folder_exists(parent)):
+        raise CommandError(f"{target} does not exist; give the folder of a run")
+    what = "is not a batchpool run" if exists else "does not exist"
+    if siblings:
+        raise CommandError(
+            f"{target} {what} (no {Store.MANIFEST}), and no run in {parent_root} has an id "
+            f"starting with or a name equal to {wanted!r}; runs there: {run_names(siblings)}"
+        )
+    raise CommandError(
+        f"{target} {what} (no {Store.MANIFEST}); give the folder of a run "
+        "(`batchpool runs STORAGE` lists them)"
+    )
+
+
+def load_run(store: Store) -> RunView:
+    try:
+        return read_run(store)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+# -- liveness of the client and of local workers ----------------------------------------------
+
+
+def same_process(pid: Any, pid_started: Any) -> bool | None:
+    """Whether process ``pid`` of this host is still the one that started at ``pid_started``
+    (``process_started`` ticks); None when this cannot be told."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if process_started(os.getpid()) is None:  # no /proc here: start times are unknown
+        return None
+    now = process_started(pid)
+    if now is None:
+        return False
+    if not isinstance(pid_started, (int, float)):
+        return None
+    return now == float(pid_started)
+
+
+def client_alive(run: RunView) -> bool | None:
+    """Whether the run's client process lives; None when it is on another host or its
+    manifest does not say which process it is."""
+    client = run.manifest.get("client") or {}
+    if not isinstance(client, dict) or client.get("host") != socket.gethostname():
+        return None
+    return same_process(client.get("pid"), client.get("pid_started"))
+
+
+def run_state(run: RunView, alive: bool | None) -> str:
+    """``RunView.state``, or ``detached`` when the run's client died before closing it."""
+    if run.state == "running" and alive is False:
+        return "detached"
+    return run.state
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    """The backend a run's manifest records, and what the command can ask of it."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    #: Its job ids outlive the client: it can be asked about and cancel the jobs.
+    queryable: bool = False
+
+    @property
+    def local(self) -> bool:
+        return self.name in LOCAL_BACKENDS
+
+
+def engine_of(run: RunView) -> Engine:
+    info = run.backend
+    name = str(info.get("name") or "?")
+    engine = Engine(
+        name,
+        dict(info.get("options") or {}),
+        {str(k): str(v) for k, v in (info.get("environment") or {}).items()},
+    )
+    if not engine.local:
+        try:
+            engine.queryable = backend_class(name).job_ids_outlive_client
+        except (ValueError, TypeError, ImportError):
+            engine.queryable = False
+    return engine
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set, restored afterwards."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def rebuilt_backend(engine: Engine) -> Iterator[Backend]:
+    """The run's backend, rebuilt from its manifest, in the environment it recorded."""
+    with environment(engine.environment):
+        try:
+            backend = make_backend(engine.name, **engine.options)
+        except Exception as exc:
+            raise CommandError(
+                f"could not rebuild the run's {engine.name} backend from its manifest "
+                f"({type(exc).__name__}: {exc})",
+                EXIT_UNREACHABLE,
+            ) from exc
+        try:
+            yield backend
+        finally:
+            backend.close()
+
+
+def ask_engine(engine: Engine, job_ids: Sequence[str]) -> dict[str, JobState]:
+    with rebuilt_backend(engine) as backend:
+        try:
+            return backend.status(list(job_ids))
+        except Exception as exc:
+            raise CommandError(
+                f"could not ask {engine.name} about the run's jobs ({type(exc).__name__}: {exc}); "
+                "the states shown are the store's",
+                EXIT_UNREACHABLE,
+            ) from exc
+
+
+def mark_error(run: RunView, job: JobView, reason: str) -> None:
+    """Make a job that the store shows alive ``Error``, unless its result arrived meanwhile."""
+    if run.store.exists(run.store.result_key(job.chunk, job.attempt)):
+        return
+    job.state, job.exit, job.reason = "Error", reason, reason
+
+
+def refine_states(run: RunView, alive: bool | None) -> str | None:
+    """Correct the store's Ready and Running jobs with what is known of them: the engine's
+    word when its job ids outlive the client; for local runs, whether the worker process
+    still lives. Returns why the engine could not be asked, if it could not."""
+    engine = engine_of(run)
+    live = [job for job in run.jobs if job.state in ("Ready", "Running")]
+    if engine.queryable:
+        asked = {job.job_id: job for job in live if job.job_id}
+        if not asked:
+            return None
+        try:
+            states = ask_engine(engine, list(asked))
+        except CommandError as exc:
+            return str(exc)
+        for job_id, job in asked.items():
+            state = states.get(job_id)
+            if state is not None and state.is_final and not job.has_result:
+                mark_error(run, job, f"the engine reports it {state.value} and it wrote no result")
+    elif engine.local and alive is not True:  # a live client retries a lost job itself
+        host = socket.gethostname()
+        for job in live:
+            gone = same_process(job.pid, job.pid_started) is False
+            if job.state == "Running" and job.host == host and gone:
+                mark_error(run, job, f"its worker process {job.pid} is gone")
+    return None
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def run_summary(run: RunView, state: str) -> dict[str, Any]:
+    created = created_time(run)
+    return {
+        "run_id": run.run_id,
+        "url": run.url,
+        "name": run.name,
+        "created": run.created,
+        "age_seconds": None if created is None else round(time.time() - created, 1),
+        "state": state,
+        "backend": run.backend.get("name"),
+        "job_counts": run.counts(),
+        "call_counts": run.call_counts(),
+        "size_bytes": run.size_bytes,
+    }
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    root = open_root(args.storage, args.storage_options)
+    if not storage_exists(root):
+        raise CommandError(f"{args.storage} does not exist; give the folder that holds runs")
+    views = []
+    for store in runs_in(root):
+        try:
+            views.append(read_run(store))
+        except (FileNotFoundError, ValueError) as exc:  # deleted meanwhile, or damaged
+            print(f"batchpool runs: skipped {store.url}: {exc}", file=sys.stderr)
+    rows = [(run, run_state(run, client_alive(run))) for run in views]
+    if args.json:
+        print_json({"storage": root.url, "runs": [run_summary(r, state) for r, state in rows]})
+        return EXIT_OK
+    if not rows:
+        hint = ""
+        if root.exists(Store.MANIFEST):
+            hint = f" (it is itself a run: see `batchpool status {args.storage}`)"
+        print(f"no runs in {args.storage}{hint}")
+        return EXIT_OK
+    table = [
+        [
+            run.run_id,
+            run.name or "-",
+            format_created(run),
+            format_age_of(run),
+            state,
+            format_counts(run.counts()),
+            format_bytes(run.size_bytes),
+        ]
+        for run, state in rows
+    ]
+    print(format_table(["RUN", "NAME", "CREATED", "AGE", "STATE", "JOBS", "SIZE"], table))
+    return EXIT_OK
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def job_exit(job: JobView) -> str:
+    if job.state in ("Error", "Cancelled") and job.reason:
+        return job.reason
+    return job.exit or job.reason or "-"
+
+
+def job_row(job: JobView) -> list[str]:
+    return [
+        job.chunk[:CHUNK_WIDTH],
+        job.state,
+        str(job.attempt),
+        "-" if job.calls is None else str(job.calls),
+        job.job_id or "-",
+        job.host or "-",
+        format_duration(None if job.state in FINAL_STATES and job.ended is None else job.duration),
+        shorten(job_exit(job)),
+        "-" if job.cpu_seconds is None else f"{job.cpu_seconds:.1f}s",
+        "-" if job.peak_memory_bytes is None else format_bytes(job.peak_memory_bytes),
+    ]
+
+
+def status_header(run: RunView, state: str) -> list[tuple[str, str]]:
+    created = format_created(run)
+    lines = [
+        ("run", run.url),
+        ("name", run.name or "-"),
+        ("created", f"{created} ({format_age_of(run)} ago)" if created != "?" else "?"),
+        ("backend", str(run.backend.get("name") or "?")),
+        ("state", state),
+        ("jobs", format_counts(run.counts())),
+        ("calls", format_counts(run.call_counts())),
+        ("usage", str(run.usage())),
+    ]
+    if run.cancel_request:
+        request = run.cancel_request
+        when = request.get("requested")
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "?"
+        lines.append(("cancel", f"requested by {request.get('by', '?')} at {at}"))
+    return lines
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run = load_run(resolve_run(args.run, args.storage_options))
+    alive = client_alive(run)
+    state = run_state(run, alive)  # the store's: a job found dead does not finish the run
+    engine_problem = refine_states(run, alive)
+    trouble = any(job.state in TROUBLE_STATES for job in run.jobs)
+    code = EXIT_UNREACHABLE if engine_problem else EXIT_TROUBLE if trouble else EXIT_OK
+    if args.json:
+        jobs = [{**job.as_dict(), "job_id": job.job_id, "pid": job.pid} for job in run.jobs]
+        document = {
+            **run_summary(run, state),
+            "client": run.manifest.get("client"),
+            "closed": run.closed,
+            "cancel_request": run.cancel_request,
+            "usage": run.usage().as_dict(),
+            "engine_error": engine_problem,
+            "jobs": jobs,
+        }
+        print_json(document)
+    else:
+        header = status_header(run, state)
+        width = max(len(label) for label, _ in header) + 2
+        for label, value in header:
+            print(f"{label + ':':<{width}}{value}")
+        print()
+        if run.jobs:
+            headers = ["CHUNK", "STATE", "ATTEMPT", "CALLS", "JOB ID", "HOST", "DURATION"]
+            headers += ["EXIT", "CPU", "PEAK MEM"]
+            print(format_table(headers, [job_row(job) for job in run.jobs]))
+        else:
+            print("no jobs yet")
+    if engine_problem:
+        print(f"batchpool status: {engine_problem}", file=sys.stderr)
+    return code
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+
+def read_log(run: RunView, job: JobView, attempt: int | None) -> str | None:
+    """A job's captured output (of one attempt, or all); None when it saved none."""
+    try:
+        if attempt is None:
+            return run.log(job) if job.logs else None
+        if attempt not in job.logs:
+            return None
+        data = run.store.get(run.store.log_key(job.chunk, attempt))
+        return data.decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run = load_run(resolve_run(args.run, args.storage_options))
+    if args.chunk is not None:
+        try:
+            jobs = [run.job(args.chunk)]
+        except KeyError as exc:
+            raise CommandError(str(exc.args[0])) from None
+        if args.attempt is not None and args.attempt > jobs[0].attempt:
+            raise CommandError(
+                f"job {jobs[0].chunk} has no attempt {args.attempt}: "
+                f"it ran {plural(jobs[0].attempt, 'attempt')}"
+            )
+    else:
+        jobs = [job for job in run.jobs if job.logs]
+    found = []
+    for job in jobs:
+        text = read_log(run, job, args.attempt)
+        attempt = args.attempt if args.attempt is not None else job.attempt
+        if text is not None:
+            found.append((job, attempt, text))
+        elif args.chunk is not None:
+            which = f" (attempt {args.attempt})" if args.attempt is not None else ""
+            print(
+                f"batchpool logs: job {job.chunk}{which} printed nothing "
+                "(or its worker died before saving its output)",
+                file=sys.stderr,
+            )
+    if args.json:
+        print_json(
+            {
+                "run": run.url,
+                "logs": [
+                    {"chunk": job.chunk, "state": job.state, "attempt": attempt, "text": text}
+                    for job, attempt, text in found
+                ],
+            }
+        )
+        return EXIT_OK
+    if args.chunk is not None:
+        for _, _, text in found:
+            sys.stdout.write(text)
+        return EXIT_OK
+    if not found:
+        print(f"batchpool logs: no job of run {run.run_id} saved any output", file=sys.stderr)
+    for index, (job, attempt, text) in enumerate(found):
+        separator = "\n" if index else ""
+        sys.stdout.write(f"{separator}==> chunk {job.chunk} ({job.state}, attempt {attempt}) <==\n")
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return EXIT_OK
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+def signal_local_workers(run: RunView) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """SIGTERM to the worker of each Running job of this host whose process is still the
+    one its start marker names. Returns the signalled jobs and the skipped ones (why)."""
+    host = socket.gethostname()
+    signalled: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for job in run.jobs:
+        if job.state != "Running":
+            continue
+        if job.host != host:
+            why = f"it runs on {job.host or 'an unknown host'}, not on {host}"
+        elif same_process(job.pid, job.pid_started) is not True:
+            why = f"its worker process {job.pid} is gone (or is another process now)"
+        else:
+            try:
+                os.kill(int(job.pid or 0), signal.SIGTERM)
+            except ProcessLookupError:
+                why = f"its worker process {job.pid} ended meanwhile"
+            except PermissionError:
+                why = f"no permission to signal its worker process {job.pid}"
+            else:
+                signalled.append({"chunk": job.chunk, "pid": job.pid})
+                continue
+        skipped.append({"chunk": job.chunk, "why": why})
+    return signalled, skipped
+
+
+def cancel_on_engine(engine: Engine, jobs: Sequence[JobView]) -> list[str]:
+    job_ids = [job.job_id for job in jobs if job.job_id]
+    if not job_ids:
+        return []
+    with rebuilt_backend(engine) as backend:
+        try:
+            backend.cancel(job_ids)
+        except Exception as exc:
+            raise CommandError(
+                f"{engine.name} could not cancel jobs {', '.join(job_ids)} "
+                f"({type(exc).__name__}: {exc}); cancel.json is written, so a live client stops",
+                EXIT_UNREACHABLE,
+            ) from exc
+    return job_ids
+
+
+def user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    store = resolve_run(args.run, args.storage_options)
+    run = load_run(store)
+    request = {"requested": time.time(), "by": f"{user_name()}@{socket.gethostname()}"}
+    store.put_json(Store.CANCEL, request)
+    engine = engine_of(run)
+    active = [job for job in run.jobs if job.state in ACTIVE_STATES]
+    cancelled: list[str] = []
+    signalled: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    if engine.queryable:
+        cancelled = cancel_on_engine(engine, [j for j in active if j.state != "Pending"])
+    elif engine.local:
+        signalled, skipped = signal_local_workers(run)
+    handled = {job.chunk for job in active if job.job_id and job.job_id in cancelled}
+    handled |= {entry["chunk"] for entry in (*signalled, *skipped)}
+    left = [job.chunk for job in active if job.chunk not in handled]
+    document = {
+        "run": run.url,
+        "cancel_marker": store.path(Store.CANCEL),
+        **request,
+        "backend": engine.name,
+        "cancelled_job_ids": cancelled,
+        "signalled": signalled,
+        "skipped": skipped,
+        "left_to_client": left,
+    }
+    if args.json:
+        print_json(document)
+    elif not active:
+        print("nothing to cancel: every job has ended")
+    else:
+        print(f"wrote {store.path(Store.CANCEL)}: a live client stops retrying and dispatching")
+        if cancelled:
+            ids = ", ".join(cancelled)
+            print(f"cancelled {plural(len(cancelled), 'job')} on {engine.name}: {ids}")
+        if signalled:
+            pids = ", ".join(f"{s['pid']} (chunk {s['chunk']})" for s in signalled)
+            print(f"sent SIGTERM to {plural(len(signalled), 'worker')}: {pids}")
+        for skip in skipped:
+            print(f"did not signal chunk {skip['chunk']}: {skip['why']}")
+        if left:
+            print(
+                f"{plural(len(left), 'job')} not yet running: cancel.json tells the client "
+                "not to run them"
+            )
+    return EXIT_OK if active else EXIT_TROUBLE
+
+
+# -- clean ------------------------------------------------------------------------------------
+
+
+def busy_reason(run: RunView) -> str | None:
+    """Why deleting this run would pull the storage from under running work, if it would."""
+    if run.state != "running":
+        return None
+    alive = client_alive(run)
+    engine_problem = refine_states(run, alive)
+    live = [job for job in run.jobs if job.state in ("Ready", "Running")]
+    if live:
+        why = f"it is running ({format_counts(run.counts())})"
+        return f"{why}, as far as the store tells ({engine_problem})" if engine_problem else why
+    if alive:
+        return "its client is still running"
+    return None
+
+
+@dataclass
+class CleanPlan:
+    """The runs to delete, those left alone (and why), and those whose deletion failed."""
+
+    delete: list[RunView] = field(default_factory=list)
+    skipped: list[tuple[RunView, str]] = field(default_factory=list)
+    failed: list[tuple[RunView, str]] = field(default_factory=list)
+
+
+def plan_clean(runs: Sequence[RunView], force: bool) -> CleanPlan:
+    plan = CleanPlan()
+    for run in runs:
+        reason = None if force else busy_reason(run)
+        if reason:
+            plan.skipped.append((run, f"{reason}; --force deletes it anyway"))
+        else:
+            plan.delete.append(run)
+    return plan
+
+
+def delete_runs(plan: CleanPlan) -> None:
+    """Delete the planned runs; a run that cannot be deleted moves to ``plan.failed``."""
+    deleted = []
+    for run in plan.delete:
+        try:
+            run.store.delete_run()
+        except StorageError as exc:
+            plan.failed.append((run, str(exc)))
+        else:
+            deleted.append(run)
+    plan.delete = deleted
+
+
+def old_runs(root: Store, older_than: float) -> tuple[list[RunView], list[tuple[RunView, str]]]:
+    """The runs under ``root`` created more than ``older_than`` seconds ago, and the runs
+    whose age is unknown."""
+    found, unknown = [], []
+    now = time.time()
+    for store in runs_in(root):
+        try:
+            run = read_run(store)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"batchpool clean: skipped {store.url}: {exc}", file=sys.stderr)
+            continue
+        created = created_time(run)
+        if created is None:
+            unknown.append((run, "its manifest does not say when it was created"))
+        elif now - created > older_than:
+            found.append(run)
+    return found, unknown
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    if args.older_than is not None:
+        older_than = parse_age(args.older_than)
+        root = open_root(args.target, args.storage_options)
+        if not storage_exists(root):
+            raise CommandError(f"{args.target} does not exist; give the folder that holds runs")
+        if root.exists(Store.MANIFEST):
+            raise CommandError(
+                f"{args.target} is a run, not a folder of runs; "
+                f"`batchpool clean {args.target}` (without --older-than) deletes it"
+            )
+        candidates, unknown = old_runs(root, older_than)
+    else:
+        store = open_root(args.target, args.storage_options)
+        if not store.exists(Store.MANIFEST) and runs_in(store):
+            raise CommandError(
+                f"{args.target} is a folder of runs; give --older-than AGE ({AGE_FORMS}) "
+                "to delete the old ones, or the folder of one run"
+            )
+        one = resolve_run(args.target, args.storage_options, unique=True)
+        candidates, unknown = [load_run(one)], []
+    plan = plan_clean(candidates, args.force)
+    plan.skipped.extend(unknown)
+    if not args.dry_run:
+        delete_runs(plan)
+    freed = sum(run.size_bytes for run in plan.delete)
+    code = EXIT_UNREACHABLE if plan.failed else EXIT_TROUBLE if plan.skipped else EXIT_OK
+    if args.json:
+        print_json(
+            {
+                "dry_run": args.dry_run,
+                "deleted": [
+                    {"run_id": r.run_id, "url": r.url, "size_bytes": r.size_bytes}
+                    for r in plan.delete
+                ],
+                "skipped": [{"run_id": r.run_id, "url": r.url, "why": w} for r, w in plan.skipped],
+                "failed": [{"run_id": r.run_id, "url": r.url, "error": e} for r, e in plan.failed],
+                "freed_bytes": freed,
+            }
+        )
+        return code
+    verb = "would delete" if args.dry_run else "deleted"
+    for run in plan.delete:
+        print(f"{verb} {run.url} ({format_bytes(run.size_bytes)}, created {format_created(run)})")
+    for run, why in plan.skipped:
+        print(f"skipped {run.url}: {why}")
+    for run, error in plan.failed:
+        print(f"batchpool clean: could not delete {run.url}: {error}", file=sys.stderr)
+    if not plan.delete and not plan.skipped and not plan.failed:
+        print(f"no run in {args.target} is older than {args.older_than}")
+    elif plan.delete:
+        freed_verb = "would free" if args.dry_run else "freed"
+        print(f"{freed_verb} {format_bytes(freed)} in {plural(len(plan.delete), 'run')}")
+    return code
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: the value is JSON when it parses as JSON, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write it as KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def attempt_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: attempts are numbered from 1")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document instead")
+    common.add_argument(
+        "--storage-option",
+        dest="storage_option",
+        action="append",
+        default=[],
+        type=storage_option,
+        metavar="KEY=VALUE",
+        help="an fsspec storage option (e.g. endpoint_url=http://...); VALUE is JSON when it "
+        "parses as JSON; repeat for more",
+    )
+    parser = argparse.ArgumentParser(
+        prog="batchpool",
+        description="List, inspect, cancel and clean batchpool runs, reading only their storage.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    runs = command("runs", "list the runs under a storage folder or URL")
+    runs.add_argument("storage", metavar="STORAGE", help="the folder or URL that holds runs")
+    runs.set_defaults(handler=cmd_runs)
+
+    status = command("status", "a run's state and the table of its jobs")
+    status.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    status.set_defaults(handler=cmd_status)
+
+    logs = command("logs", "the captured stdout and stderr of a run's jobs")
+    logs.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    logs.add_argument(
+        "chunk", metavar="CHUNK", nargs="?", help="a chunk id or its prefix (default: every job)"
+    )
+    logs.add_argument(
+        "--attempt", type=attempt_number, metavar="N", help="only the output of attempt N"
+    )
+    logs.set_defaults(handler=cmd_logs)
+
+    cancel = command("cancel", "stop a run: ask its client to stop and cancel its jobs")
+    cancel.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    clean = command("clean", "delete old runs under STORAGE, or one RUN")
+    clean.add_argument("target", metavar="STORAGE|RUN", help="a folder of runs, or one run")
+    clean.add_argument(
+        "--older-than", metavar="AGE", help=f"delete the runs created longer ago: {AGE_FORMS}"
+    )
+    clean.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    clean.add_argument("--force", action="store_true", help="delete running runs too")
+    clean.set_defaults(handler=cmd_clean)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefix = f"batchpool {args.command}"
+    try:
+        args.storage_options = dict(args.storage_option)
+        return int(args.handler(args))
+    except CommandError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return exc.code
+    except StorageError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except FileNotFoundError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # the reader of our output went away (`| head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a storage library's own error, one line rather than a traceback
+        print(
+            f"{prefix}: failed: {type(exc).__name__}: {' '.join(str(exc).split())}",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE

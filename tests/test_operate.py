@@ -1,0 +1,325 @@
+"""Operating a run through the public API: job states, job records, logs on errors,
+usage and cost, progress, re-attaching after the client was killed, and resume."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from batchpool import BatchPoolExecutor
+from batchpool.runs import read_run
+from batchpool.store import Store, open_storage
+
+TESTS = Path(__file__).resolve().parent
+
+
+def mark_and_square(marks: str, i: int, seconds: float = 0.0) -> int:
+    """Leave one file per run of the call (so a test counts runs), then return i*i."""
+    Path(marks, f"{i}.{os.getpid()}.{uuid.uuid4().hex}").touch()
+    time.sleep(seconds)
+    return i * i
+
+
+def flaky(marks: str, i: int) -> int:
+    """Raise for the items named by a file ``fail-<i>`` in ``marks``; count every run."""
+    Path(marks, f"{i}.{uuid.uuid4().hex}").touch()
+    if Path(marks, f"fail-{i}").exists():
+        raise ValueError(f"item {i} failed")
+    return i * 10
+
+
+def chatty_failure(x: int) -> int:
+    print(f"loading shard {x}", flush=True)
+    print("about to divide", flush=True)
+    return 1 // (x - x)
+
+
+def burn_and_hold(megabytes: int) -> int:
+    block = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(block), 4096):  # touch every page: resident, not just reserved
+        block[i] = 1
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    return len(block)
+
+
+def runs_of(marks: Path, i: int) -> int:
+    return sum(1 for p in marks.iterdir() if p.name.split(".", 1)[0] == str(i))
+
+
+def test_status_counts_calls_by_state(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as bpe:
+        assert bpe.status() == {}
+        blocked = bpe.submit(wait_gate, str(gate))
+        queued = [bpe.submit(int, "7") for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while bpe.status().get("Running", 0) + bpe.status().get("Ready", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        counts = bpe.status()
+        assert counts.get("Pending", 0) + counts.get("Ready", 0) == 3 or counts["Pending"] >= 1
+        queued[-1].cancel()
+        gate.touch()
+        assert blocked.result(timeout=30) == "opened"
+        failing = bpe.submit(int, "not a number")
+        with pytest.raises(ValueError):
+            failing.result(timeout=30)
+        for future in queued[:-1]:
+            assert future.result(timeout=30) == 7
+    assert bpe.status() == {"Success": 3, "Failed": 1, "Cancelled": 1}
+
+
+def wait_gate(gate: str) -> str:
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return "opened"
+
+
+def test_future_job_tells_where_and_how_a_call_ran(tmp_path: Path) -> None:
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as bpe:
+        future = bpe.submit(burn_and_hold, 50)
+        assert future.result(timeout=60) == 50 * 1024 * 1024
+        job = future.job
+        assert job is not None
+        assert job.state == "Success" and job.exit == "ok" and job.attempt == 1
+        assert job.host == os.uname()[1]
+        assert job.started is not None and job.ended is not None
+        assert job.duration is not None and job.duration >= 0.3
+        assert job.cpu_seconds is not None and job.cpu_seconds >= 0.25
+        # the job's own peak, not the worker's from earlier jobs
+        assert job.peak_memory_bytes is not None and job.peak_memory_bytes >= 50 * 1024 * 1024
+        failed = bpe.submit(chatty_failure, 3)
+        with pytest.raises(ZeroDivisionError):
+            failed.result(timeout=60)
+        assert failed.job is not None and failed.job.state == "Failed"
+        assert failed.job.exit == "1 of 1 calls raised"
+
+
+def test_errors_end_with_the_last_lines_of_the_jobs_log(tmp_path: Path) -> None:
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as bpe:
+        future = bpe.submit(chatty_failure, 4)
+        with pytest.raises(ZeroDivisionError) as info:
+            future.result(timeout=60)
+        assert future.logs() == "loading shard 4\nabout to divide\n"
+    if sys.version_info < (3, 11):
+        pytest.skip("exception notes need Python 3.11")
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "Last lines of the job's log" in notes
+    assert "loading shard 4" in notes and "about to divide" in notes
+
+
+def test_usage_sums_jobs_and_prices_core_hours(tmp_path: Path) -> None:
+    with BatchPoolExecutor(
+        max_workers=2, storage=str(tmp_path), cpus_per_job=1, cost_per_core_hour=3.6
+    ) as bpe:
+        assert list(bpe.map(burn_and_hold, [20, 20, 20], chunksize=1)) == [20 * 1024 * 1024] * 3
+        usage = bpe.usage()
+    assert usage.jobs == 3
+    assert usage.cpu_seconds >= 0.75  # 3 x 0.3 s of CPU, minus timer slack
+    assert usage.wall_seconds >= usage.cpu_seconds * 0.8
+    assert usage.core_seconds == pytest.approx(usage.wall_seconds)  # one CPU per job
+    assert usage.peak_memory_bytes >= 20 * 1024 * 1024
+    assert usage.cost == pytest.approx(usage.core_hours * 3.6)
+    assert "core-hours" in str(usage) and "estimated cost" in str(usage)
+
+
+def test_the_store_tells_the_same_story(tmp_path: Path) -> None:
+    """What ``read_run`` (and so the CLI) derives from markers and the journal."""
+    with BatchPoolExecutor(
+        name="story", max_workers=2, storage=str(tmp_path), cleanup_bucket=False
+    ) as bpe:
+        ok = bpe.submit(int, "5")
+        bad = bpe.submit(chatty_failure, 1)
+        assert ok.result(timeout=60) == 5
+        with pytest.raises(ZeroDivisionError):
+            bad.result(timeout=60)
+        url = bpe.run_url
+    fs, root = open_storage(url)
+    view = read_run(Store(fs, root))
+    assert view.name == "story" and view.state == "closed"
+    assert view.counts() == {"Success": 1, "Failed": 1}
+    jobs = {job.state: job for job in view.jobs}
+    assert jobs["Failed"].job_ids and jobs["Failed"].host == os.uname()[1]
+    assert jobs["Failed"].failed_calls == 1
+    assert "about to divide" in view.log(jobs["Failed"])
+    assert view.usage().jobs == 2
+    # the chunks are numbered in submission order
+    assert [job.chunk[:8] for job in view.jobs] == ["00000000", "00000001"]
+
+
+def test_progress_bar_counts_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as bpe:
+        assert list(bpe.map(int, ["1", "2", "3"] * 4, progress=True)) == [1, 2, 3] * 4
+        err = capsys.readouterr().err
+        assert "12/12" in err and "failed=0" in err
+        # By default: no terminal, no bar.
+        assert list(bpe.map(int, ["1", "2"])) == [1, 2]
+        assert capsys.readouterr().err == ""
+
+
+# -- re-attach after the client was killed --------------------------------------------------
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from batchpool import BatchPoolExecutor
+    from test_operate import mark_and_square
+
+    storage, marks = sys.argv[1], sys.argv[2]
+    bpe = BatchPoolExecutor(
+        name="crash-test", storage=storage, cleanup_bucket=False, max_workers=2
+    )
+    futures = [bpe.submit(mark_and_square, marks, i, 0.02) for i in range(200)]
+    print("submitted", flush=True)
+    time.sleep(600)
+    """
+)
+
+ATTACHER = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from batchpool import BatchPoolExecutor
+
+    storage = sys.argv[1]
+    with BatchPoolExecutor.attach(storage, "crash-test", max_workers=2) as bpe:
+        results = [f.result(timeout=90) for f in bpe.futures]
+        print(json.dumps({{"results": results, "status": bpe.status()}}))
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_client_loses_nothing_and_runs_nothing_twice(tmp_path: Path) -> None:
+    storage, marks = tmp_path / "runs", tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT.format(tests=str(TESTS)))
+    client = subprocess.Popen(
+        [sys.executable, str(script), str(storage), str(marks)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "submitted"
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 20:  # some calls ran, most did not yet
+            assert time.monotonic() < deadline, "the client's calls never started"
+            time.sleep(0.02)
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    started_before = len(list(marks.iterdir()))
+    assert started_before < 200
+
+    attacher = tmp_path / "attach.py"
+    attacher.write_text(ATTACHER.format(tests=str(TESTS)))
+    done = subprocess.run(
+        [sys.executable, str(attacher), str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["results"] == [i * i for i in range(200)]
+    assert report["status"] == {"Success": 200}
+    assert [runs_of(marks, i) for i in range(200)] == [1] * 200  # none ran twice
+
+
+def test_attach_refuses_while_the_client_lives_and_without_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchpool import BatchPoolError
+    from batchpool.recovery import secret_file
+
+    with BatchPoolExecutor(
+        name="alive", storage=str(tmp_path), cleanup_bucket=False, max_workers=1
+    ) as bpe:
+        assert bpe.submit(int, "1").result(timeout=30) == 1
+        with pytest.raises(BatchPoolError, match="still runs here"):
+            BatchPoolExecutor.attach(str(tmp_path), "alive")
+        url = bpe.run_url
+    # Its client has shut down: attaching gives the finished calls back.
+    with BatchPoolExecutor.attach(str(tmp_path), "alive") as again:
+        assert [f.result(timeout=30) for f in again.futures] == [1]
+    secret_file(url).unlink()
+    monkeypatch.delenv("BATCHPOOL_RUN_SECRET", raising=False)
+    with pytest.raises(BatchPoolError, match="secret of the run"):
+        BatchPoolExecutor.attach(str(tmp_path), "alive")
+
+
+# -- resume: only what failed runs again --------------------------------------------------
+
+
+def test_resume_runs_only_failed_and_missing_calls(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "fail-3").touch()
+    (marks / "fail-7").touch()
+    storage = str(tmp_path / "runs")
+    with BatchPoolExecutor(name="nightly", resume=True, storage=storage, max_workers=2) as bpe:
+        first = [f for f in (bpe.submit(flaky, str(marks), i) for i in range(10))]
+        cf.wait(first, timeout=60)
+        assert [f.exception() is not None for f in first] == [i in (3, 7) for i in range(10)]
+        run_url = bpe.run_url
+    assert run_url.endswith("/nightly")
+    (marks / "fail-3").unlink()
+    (marks / "fail-7").unlink()
+    with BatchPoolExecutor(name="nightly", resume=True, storage=storage, max_workers=2) as bpe:
+        assert bpe.run_url == run_url
+        results = list(bpe.map(flaky, [str(marks)] * 12, range(12)))
+        assert results == [i * 10 for i in range(12)]
+        assert bpe.status() == {"Success": 12}
+    # Items 3 and 7 failed and ran again; 10 and 11 are new; the rest ran once.
+    assert [runs_of(marks, i) for i in range(12)] == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1]
+    manifest = json.loads(Path(run_url, "manifest.json").read_text())
+    assert [s["how"] for s in manifest["sessions"]] == ["resume"]
+
+
+def test_resume_needs_a_name_and_the_same_serializer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resume=True needs name"):
+        BatchPoolExecutor(resume=True, storage=str(tmp_path))
+    pytest.importorskip("dill")
+    with BatchPoolExecutor(name="r", resume=True, storage=str(tmp_path)) as bpe:
+        assert bpe.submit(int, "2").result(timeout=30) == 2
+    with pytest.raises(ValueError, match="serializer='cloudpickle'"):
+        BatchPoolExecutor(name="r", resume=True, storage=str(tmp_path), serializer="dill")
+
+
+def test_cancelled_parked_calls_are_skipped_by_the_worker(tmp_path: Path) -> None:
+    """Calls written ahead into a chunk stay cancellable until it is handed over."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    gate = tmp_path / "gate"
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path / "runs")) as bpe:
+        try:
+            blocker = bpe.submit(wait_gate, str(gate))
+            backlog = [bpe.submit(mark_and_square, str(marks), i) for i in range(20)]
+            time.sleep(0.3)  # the watcher writes the backlog into chunks: some parked
+            parked = [i for i, f in enumerate(backlog) if not f.running()]
+            assert len(parked) >= 5
+            assert bpe.status()["Pending"] == len(parked)
+            assert all(backlog[i].cancel() for i in parked)
+        finally:
+            gate.touch()
+        assert blocker.result(timeout=30) == "opened"
+        handed = [i for i in range(20) if i not in parked]
+        assert [backlog[i].result(timeout=30) for i in handed] == [i * i for i in handed]
+    assert sorted(int(p.name.split(".")[0]) for p in marks.iterdir()) == handed
+    assert bpe.status() == {"Success": len(handed) + 1, "Cancelled": len(parked)}
