@@ -49,8 +49,6 @@ exit codes:
 
 #: States of jobs that may still run.
 ACTIVE_STATES = ("Pending", "Ready", "Running")
-#: States of jobs that ended without every call succeeding.
-TROUBLE_STATES = ("Failed", "Error", "Cancelled")
 #: Backend names under which a run's jobs ran in a local pool of the client
 #: (older manifests recorded the class name).
 LOCAL_BACKENDS = frozenset({"local", "LocalBackend"})
@@ -472,9 +470,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def job_exit(job: JobView) -> str:
+    text = job.exit or job.reason or "-"
     if job.state in ("Error", "Cancelled") and job.reason:
-        return job.reason
-    return job.exit or job.reason or "-"
+        text = job.reason
+    return f"(run again) {text}" if job.rerun else text
 
 
 def job_row(job: JobView) -> list[str]:
@@ -517,7 +516,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     alive = client_alive(run)
     state = run_state(run, alive)  # the store's: a job found dead does not finish the run
     engine_problem = refine_states(run, alive)
-    trouble = any(job.state in TROUBLE_STATES for job in run.jobs)
+    trouble = bool(run.troubled())
     code = EXIT_UNREACHABLE if engine_problem else EXIT_TROUBLE if trouble else EXIT_OK
     if args.json:
         jobs = [{**job.as_dict(), "job_id": job.job_id, "pid": job.pid} for job in run.jobs]
@@ -894,16 +893,19 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
+    def run_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = command(name, help_text)
+        sub.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+        return sub
+
     runs = command("runs", "list the runs under a storage folder or URL")
     runs.add_argument("storage", metavar="STORAGE", help="the folder or URL that holds runs")
     runs.set_defaults(handler=cmd_runs)
 
-    status = command("status", "a run's state and the table of its jobs")
-    status.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    status = run_command("status", "a run's state and the table of its jobs")
     status.set_defaults(handler=cmd_status)
 
-    logs = command("logs", "the captured stdout and stderr of a run's jobs")
-    logs.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    logs = run_command("logs", "the captured stdout and stderr of a run's jobs")
     logs.add_argument(
         "chunk", metavar="CHUNK", nargs="?", help="a chunk id or its prefix (default: every job)"
     )
@@ -912,8 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.set_defaults(handler=cmd_logs)
 
-    cancel = command("cancel", "stop a run: ask its client to stop and cancel its jobs")
-    cancel.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
+    cancel = run_command("cancel", "stop a run: ask its client to stop and cancel its jobs")
     cancel.set_defaults(handler=cmd_cancel)
 
     clean = command("clean", "delete old runs under STORAGE, or one RUN")

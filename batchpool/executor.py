@@ -33,13 +33,13 @@ from batchpool.recovery import (
     adopt,
     call_key,
     check_client_gone,
+    earlier_outcomes,
     find_run,
     forget_secret,
     load_secret,
     reopen,
     run_slug,
     save_secret,
-    successful_results,
 )
 from batchpool.runs import Usage, process_started
 from batchpool.serialization import (
@@ -286,7 +286,7 @@ class BatchPoolExecutor(cf.Executor):
                 if resumed.exists(resumed.MANIFEST):
                     _reopened = reopen(resumed, load_secret(resumed.url))
                     _check_same_serializer(_reopened, self._serializer.name)
-                    _reopened.results = successful_results(
+                    _reopened.results, _reopened.failures = earlier_outcomes(
                         resumed, _reopened.secret, _reopened.view
                     )
             if _reopened is not None:
@@ -328,6 +328,8 @@ class BatchPoolExecutor(cf.Executor):
             raise
         self._run_id = store.root.rsplit("/", 1)[-1]
         self._reopened_results = _reopened.results if _reopened is not None else {}
+        # resume: calls that raised before, by content, and the earlier jobs they were in
+        self._earlier_failures = _reopened.failures if _reopened is not None else {}
         self._futures = _reopened.futures if _reopened is not None else []
         job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         self._store = store
@@ -504,9 +506,14 @@ class BatchPoolExecutor(cf.Executor):
         try:
             dumps = self._serializer.dumps
             fn_digest = hashlib.sha256(dumps(fn)).digest()
-            return [call_key(fn_digest, call, dumps) for call in calls]
+            keys = [call_key(fn_digest, call, dumps) for call in calls]
         except Exception:
             return None  # pickling fails: the normal path explains why
+        failed = self._earlier_failures
+        rerun = sorted({failed.pop(key) for key in keys if key in failed})
+        if rerun:  # `batchpool status` counts those earlier failures as handled
+            self._watcher.note_rerun(rerun)
+        return keys
 
     def _resumed_future(self, key: str) -> BatchPoolFuture:
         """The future of a call that already returned in this run: done, not run again."""

@@ -33,6 +33,7 @@ from batchpool.errors import BatchPoolError
 from batchpool.future import BatchPoolFuture, JobRecord
 from batchpool.runs import JobView, RunView, process_started, read_run
 from batchpool.serialization import (
+    ERROR,
     OK,
     SECRET_ENV,
     decode_chunk,
@@ -164,9 +165,13 @@ def call_key(fn_digest: bytes, call: tuple[Any, ...], dumps: Callable[[Any], byt
     return hashlib.sha256(fn_digest + dumps(call)).hexdigest()
 
 
-def successful_results(store: Store, secret: bytes, view: RunView) -> dict[str, bytes]:
-    """``{call key: pickled result}`` of every call of the run that returned a value."""
+def earlier_outcomes(
+    store: Store, secret: bytes, view: RunView
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """``{call key: pickled result}`` of every call of the run that returned a value, and
+    ``{call key: chunk id}`` of those that raised (and did not return elsewhere)."""
     found: dict[str, bytes] = {}
+    failed: dict[str, str] = {}
     for job in view.jobs:
         if not job.has_result:
             continue
@@ -180,7 +185,9 @@ def successful_results(store: Store, secret: bytes, view: RunView) -> dict[str, 
         for key, entry in zip(keys, entries, strict=False):
             if key and entry[0] == OK:
                 found[key] = entry[1]
-    return found
+            elif key and entry[0] == ERROR:
+                failed[key] = job.chunk
+    return found, {key: chunk for key, chunk in failed.items() if key not in found}
 
 
 # -- attach: the chunks of a run whose client died ------------------------------------------------
@@ -198,6 +205,7 @@ class Reopened:
     adopted: list[Adopted] = field(default_factory=list)
     futures: list[BatchPoolFuture] = field(default_factory=list)
     results: dict[str, bytes] = field(default_factory=dict)  # resume: call key -> result
+    failures: dict[str, str] = field(default_factory=dict)  # resume: call key -> chunk id
     how: str = "resume"  # or "attach"
 
 

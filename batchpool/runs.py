@@ -120,7 +120,8 @@ class Usage:
             f"peak memory {format_bytes(self.peak_memory_bytes)}"
         )
         if self.cost is not None:
-            text += f", estimated cost {self.cost:.4f} (at {self.cost_per_core_hour}/core-hour)"
+            cost = f"{self.cost:,.2f}" if self.cost >= 1 else f"{self.cost:.2g}"
+            text += f", estimated cost {cost} (at {self.cost_per_core_hour}/core-hour)"
         return text
 
 
@@ -157,6 +158,8 @@ class JobView:
     peak_memory_bytes: int | None = None
     reason: str | None = None
     has_result: bool = False
+    #: A later session of the run (``resume=True``) submitted its failed calls again.
+    rerun: bool = False
     #: attempts whose worker started: {attempt: start marker}
     starts: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     ends: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -192,6 +195,7 @@ class JobView:
             "cpu_seconds": self.cpu_seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "reason": self.reason,
+            "rerun": self.rerun,
         }
 
 
@@ -238,11 +242,22 @@ class RunView:
         return {state: found[state] for state in JOB_STATES if found[state]}
 
     def call_counts(self) -> dict[str, int]:
-        """Calls by the state of their job (a Failed job's calls are not all failures)."""
+        """Calls by state: those of a Failed job that returned count as Success, and
+        failures that a later session ran again (``rerun``) count there only."""
         found: Counter[str] = Counter()
         for job in self.jobs:
-            found[job.state] += job.calls or 0
+            calls = job.calls or 0
+            if job.state == "Failed":
+                found["Failed"] += 0 if job.rerun else job.failed_calls
+                found["Success"] += calls - job.failed_calls
+            else:
+                found[job.state] += calls
         return {state: found[state] for state in JOB_STATES if found[state]}
+
+    def troubled(self) -> list[JobView]:
+        """Jobs that Failed, Error'd or were Cancelled and were not run again later."""
+        trouble = ("Failed", "Error", "Cancelled")
+        return [job for job in self.jobs if job.state in trouble and not job.rerun]
 
     @property
     def finished(self) -> bool:
@@ -349,6 +364,7 @@ def read_run(store: Store) -> RunView:
 
     closed = None
     final: dict[str, dict[str, Any]] = {}
+    rerun: set[str] = set()
     for key in journal_keys:
         entry = objects.get(key) or {}
         for handed in entry.get("handed", ()):
@@ -364,6 +380,7 @@ def read_run(store: Store) -> RunView:
             closed = entry["closed"]
         if "opened" in entry:  # a later session (attach, resume=True) opened it again
             closed = None
+        rerun.update(entry.get("rerun", ()))
     for key in marker_keys:
         _, chunk, attempt = store.parse_key(key)
         marker = objects.get(key)
@@ -376,6 +393,7 @@ def read_run(store: Store) -> RunView:
 
     for view in jobs.values():
         _derive(view, results, final.get(view.chunk))
+        view.rerun = view.chunk in rerun
     ordered = sorted(jobs.values(), key=lambda v: v.chunk)
     return RunView(
         store=store,

@@ -241,6 +241,10 @@ class Watcher:
             return None
         return self._count_calls()
 
+    def note_rerun(self, chunk_ids: list[str]) -> None:
+        """Journal that calls which failed in these earlier jobs are submitted again."""
+        self._journal(rerun=chunk_ids)
+
     def count_resumed(self) -> None:
         """A call of a resumed run returned its earlier result without running."""
         with self._lock:

@@ -440,17 +440,22 @@ def _job_parser() -> argparse.ArgumentParser:
 
 
 _busy = threading.Lock()  # held while a pool worker runs a job
+#: How long a pool worker whose client died may still run its job (seconds).
+ORPHAN_GRACE_ENV = "BATCHPOOL_ORPHAN_GRACE"
+DEFAULT_ORPHAN_GRACE = 600.0
 
 
 def _exit_when_orphaned(parent: int) -> None:
     # The pool's parent may be SIGKILLed: a worker must not outlive it by much. An
     # idle worker exits at once; a busy one first finishes its job, so that the
-    # result is in the store for a client that attaches to the run later.
+    # result is in the store for a client that attaches to the run later, but a
+    # job that never ends must not keep the worker forever.
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
-            with _busy:
-                os._exit(0)
+            grace = float(os.environ.get(ORPHAN_GRACE_ENV, DEFAULT_ORPHAN_GRACE))
+            _busy.acquire(timeout=grace)
+            os._exit(0)
 
 
 def serve(job_fd: int, event_fd: int) -> None:

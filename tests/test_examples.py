@@ -60,3 +60,22 @@ def test_the_same_script_on_each_backend(
     )
     assert "17984 primes below 200,000 (computed on" in out
     assert "17984 primes below 200,000 in one 2-CPU job" in out
+
+
+def test_operate_a_run_then_resume_only_what_failed(tmp_path: Path) -> None:
+    storage = str(tmp_path / "kept")
+    first = run_example(tmp_path, "operate.py", storage)
+    assert "shard-3.txt: ValueError" in first and "'Failed': 2" in first
+    cli = [sys.executable, "-m", "batchpool"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    status = subprocess.run(
+        [*cli, "status", f"{storage}/nightly"], capture_output=True, text=True, env=env
+    )
+    assert status.returncode == 1 and "2 Failed" in status.stdout  # something to fix
+    second = run_example(tmp_path, "operate.py", storage, "--repair")
+    assert "processing shard-3.txt" in second and "processing shard-0.txt" not in second
+    assert "{'Success': 8}" in second
+    status = subprocess.run(
+        [*cli, "status", f"{storage}/nightly"], capture_output=True, text=True, env=env
+    )
+    assert status.returncode == 0, status.stdout  # the failures were run again

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
 from batchpool import BatchPoolExecutor
 from batchpool.runs import read_run
@@ -26,6 +27,7 @@ TESTS = Path(__file__).resolve().parent
 def mark_and_square(marks: str, i: int, seconds: float = 0.0) -> int:
     """Leave one file per run of the call (so a test counts runs), then return i*i."""
     Path(marks, f"{i}.{os.getpid()}.{uuid.uuid4().hex}").touch()
+    print(f"squaring {i}", flush=True)
     time.sleep(seconds)
     return i * i
 
@@ -290,6 +292,11 @@ def test_resume_runs_only_failed_and_missing_calls(tmp_path: Path) -> None:
     assert [runs_of(marks, i) for i in range(12)] == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1]
     manifest = json.loads(Path(run_url, "manifest.json").read_text())
     assert [s["how"] for s in manifest["sessions"]] == ["resume"]
+    # The store shows the earlier failures as run again: nothing is left to fix.
+    fs, root = open_storage(run_url)
+    view = read_run(Store(fs, root))
+    assert view.troubled() == [] and view.call_counts() == {"Success": 12}
+    assert sum(job.rerun for job in view.jobs) >= 1
 
 
 def test_resume_needs_a_name_and_the_same_serializer(tmp_path: Path) -> None:
@@ -323,3 +330,61 @@ def test_cancelled_parked_calls_are_skipped_by_the_worker(tmp_path: Path) -> Non
         assert [backlog[i].result(timeout=30) for i in handed] == [i * i for i in handed]
     assert sorted(int(p.name.split(".")[0]) for p in marks.iterdir()) == handed
     assert bpe.status() == {"Success": len(handed) + 1, "Cancelled": len(parked)}
+
+
+SLURM_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from batchpool import BatchPoolExecutor
+    from batchpool.backends.slurm import SlurmBackend
+    from test_operate import mark_and_square
+
+    storage, marks, logs = sys.argv[1:4]
+    bpe = BatchPoolExecutor(
+        name="slurm-crash", backend=SlurmBackend(log_dir=logs), storage=storage,
+        cleanup_bucket=False,
+    )
+    futures = [bpe.submit(mark_and_square, marks, i, 2.0) for i in range(6)]
+    print("submitted", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("slurm")
+def test_attach_on_slurm_watches_the_jobs_the_dead_client_left(tmp_path: Path) -> None:
+    storage, marks = tmp_path / "runs", tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "client.py"
+    script.write_text(SLURM_CLIENT.format(tests=str(TESTS)))
+    client = subprocess.Popen(
+        [sys.executable, str(script), str(storage), str(marks), str(tmp_path / "logs")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "submitted"
+        deadline = time.monotonic() + 90
+        while not any(marks.iterdir()):  # Slurm started the array
+            assert time.monotonic() < deadline, "Slurm never ran the client's jobs"
+            time.sleep(0.1)
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    # Slurm keeps running the array; a new client watches it through squeue.
+    with BatchPoolExecutor.attach(str(storage), "slurm-crash") as bpe:
+        assert bpe.backend.name == "slurm"  # rebuilt from the manifest
+        assert [f.result(timeout=120) for f in bpe.futures] == [i * i for i in range(6)]
+        run_url = bpe.run_url
+    assert [runs_of(marks, i) for i in range(6)] == [1] * 6
+    logs = subprocess.run(
+        [sys.executable, "-m", "batchpool", "logs", run_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert logs.returncode == 0 and "squaring 5" in logs.stdout
