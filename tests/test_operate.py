@@ -388,3 +388,62 @@ def test_attach_on_slurm_watches_the_jobs_the_dead_client_left(tmp_path: Path) -
         timeout=60,
     )
     assert logs.returncode == 0 and "squaring 5" in logs.stdout
+
+
+PROGRESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from batchpool import BatchPoolExecutor
+
+    def nap(x):
+        time.sleep(0.1)
+        return x
+
+    with BatchPoolExecutor(max_workers=2, storage=sys.argv[1]) as bpe:
+        assert list(bpe.map(nap, range(3))) == [0, 1, 2]       # short: no bar
+        print("SHORT DONE", file=sys.stderr, flush=True)
+        assert list(bpe.map(nap, range(60), chunksize=1)) == list(range(60))  # ~3 s: a bar
+    """
+)
+
+
+def test_long_maps_show_a_bar_on_a_terminal_by_default(tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    script = tmp_path / "progress.py"
+    script.write_text(PROGRESS_SCRIPT)
+    leader, follower = pty.openpty()
+    # A new pty is 0 columns wide, where tqdm draws nothing: make it a usual terminal.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "runs")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=follower,  # a terminal
+            timeout=90,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: all is read
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    err = b"".join(chunks).decode(errors="replace")
+    assert done.returncode == 0, err
+    before, _, after = err.partition("SHORT DONE")
+    assert "call" not in before  # the short map stayed silent
+    assert "60/60" in after and "failed=0" in after
