@@ -55,7 +55,7 @@ LOCAL_BACKENDS = frozenset({"local", "LocalBackend"})
 #: How long one storage operation of the command retries transient failures (seconds).
 RETRY_DEADLINE = 30.0
 CHUNK_WIDTH = 14
-EXIT_WIDTH = 40
+EXIT_WIDTH = 48
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AGE_FORMS = "30s, 15m, 12h, 7d or 2w, or combined like 1d12h"
 

@@ -33,7 +33,7 @@ class JobRecord:
     host: str | None = None
     started: float | None = None
     ended: float | None = None
-    #: How the last attempt ended: "ok", "2 of 5 calls raised", "lost: <why>", ...
+    #: How the last attempt ended: "ok", "2/5 raised: ValueError: ...", "lost: <why>", ...
     exit: str | None = None
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None

@@ -432,7 +432,7 @@ def _derive(view: JobView, results: set[tuple[str, int]], given_up: dict[str, An
             view.state, view.exit = "Error", str(end["error"])
         elif failed:
             view.state = "Failed"
-            view.exit = f"{failed} of {view.calls if view.calls is not None else '?'} calls raised"
+            view.exit = f"{failed}/{view.calls if view.calls is not None else '?'} raised"
             errors = (end or {}).get("errors") or []
             if errors:
                 view.exit += f": {errors[0]}"

@@ -586,7 +586,10 @@ class Watcher:
             record.cpu_seconds = meta.get("cpu_seconds")
             record.peak_memory_bytes = meta.get("peak_memory_bytes")
             calls = meta.get("calls", len(chunk.futures))
-            record.exit = f"{failed} of {calls} calls raised" if failed else "ok"
+            errors = meta.get("errors") or []
+            record.exit = f"{failed}/{calls} raised" if failed else "ok"
+            if errors:
+                record.exit += f": {errors[0]}"
         if "wall_seconds" in meta:
             self._usage.add(meta, chunk.resources.cpus)
 

@@ -20,7 +20,7 @@ def process(path: str) -> int:
     text = Path(path).read_text()
     if text.startswith("corrupt"):
         print(f"{Path(path).name}: checksum mismatch in block 17", flush=True)
-        raise ValueError(f"{path} is corrupt")
+        raise ValueError(f"{Path(path).name} is corrupt")
     return len(text)
 
 

@@ -211,7 +211,7 @@ def test_status_of_a_run_where_a_call_raised(runs: Runs) -> None:
     ]  # fmt: skip
     assert len(rows) == 4
     failed = [row for row in rows if " Failed " in row]
-    assert len(failed) == 1 and "1 of 1 calls raised" in failed[0]
+    assert len(failed) == 1 and "1/1 raised: " in failed[0]
     assert all(len(row.split()[0]) == 14 for row in rows)
 
 

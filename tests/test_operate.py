@@ -106,7 +106,7 @@ def test_future_job_tells_where_and_how_a_call_ran(tmp_path: Path) -> None:
         with pytest.raises(ZeroDivisionError):
             failed.result(timeout=60)
         assert failed.job is not None and failed.job.state == "Failed"
-        assert failed.job.exit == "1 of 1 calls raised"
+        assert failed.job.exit == "1/1 raised: ZeroDivisionError: integer division or modulo by zero"
 
 
 def test_errors_end_with_the_last_lines_of_the_jobs_log(tmp_path: Path) -> None:
