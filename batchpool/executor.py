@@ -449,6 +449,7 @@ class BatchPoolExecutor(cf.Executor):
             "max_workers": settings.get("max_workers"),
         }
         kwargs.update(options)
+        made_here = not isinstance(backend, Backend)
         if backend is None:
             backend = _backend_from_manifest(manifest)
         elif isinstance(backend, str):
@@ -459,9 +460,11 @@ class BatchPoolExecutor(cf.Executor):
         try:
             executor = cls(backend=backend, storage=(fs, root), _reopened=reopened, **kwargs)
         except BaseException:
-            backend.close()
+            if made_here:
+                backend.close()
             raise
-        executor._watcher._owns_backend = True  # it was made here, for this executor
+        if made_here:  # a backend rebuilt for this executor ends with it
+            executor._watcher._owns_backend = True
         return executor
 
     # -- submit and map --------------------------------------------------------------------

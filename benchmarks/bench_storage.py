@@ -126,7 +126,7 @@ def log_lines(path: str, start: int, end: int | None = None) -> list[str]:
     return data.decode().splitlines()
 
 
-_CHUNK_INPUT = re.compile(r"/chunks/([0-9a-f]+)\.in")
+_CHUNK_INPUT = re.compile(r"/chunks/([0-9a-f-]+)\.in")
 
 
 def count(lines: list[str]) -> tuple[dict[str, int], set[str], list[str]]:
