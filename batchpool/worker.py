@@ -384,6 +384,15 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
     parsed = _job_parser().parse_args(list(args))
     store, secret = _store_from_env(env)
     chunk, attempt = parsed.chunk, parsed.attempt
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and store.exists(store.result_key(chunk, attempt)):
+        # Slurm requeued (--requeue) a job that had written its outcome: its calls
+        # ran already, and must not run twice.
+        sys.stderr.write(
+            f"batchpool: attempt {attempt} of chunk {chunk} already has its result "
+            f"(written before Slurm requeued the job); its calls are not run again\n"
+        )
+        return
     pid = os.getpid()
     _put_marker(
         store,
@@ -396,6 +405,7 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
             "pid_started": process_started(pid),
             "started": time.time(),
             "engine_job": engine_job_id(env),
+            "restarts": restarts,  # Slurm requeued the job this many times
         },
     )
     end: dict[str, Any] = {"chunk": chunk, "attempt": attempt}

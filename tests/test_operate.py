@@ -106,7 +106,9 @@ def test_future_job_tells_where_and_how_a_call_ran(tmp_path: Path) -> None:
         with pytest.raises(ZeroDivisionError):
             failed.result(timeout=60)
         assert failed.job is not None and failed.job.state == "Failed"
-        assert failed.job.exit == "1/1 raised: ZeroDivisionError: integer division or modulo by zero"
+        assert (
+            failed.job.exit == "1/1 raised: ZeroDivisionError: integer division or modulo by zero"
+        )
 
 
 def test_errors_end_with_the_last_lines_of_the_jobs_log(tmp_path: Path) -> None:
@@ -447,3 +449,38 @@ def test_long_maps_show_a_bar_on_a_terminal_by_default(tmp_path: Path) -> None:
     before, _, after = err.partition("SHORT DONE")
     assert "call" not in before  # the short map stayed silent
     assert "60/60" in after and "failed=0" in after
+
+
+def test_a_requeued_job_that_had_its_result_does_not_run_again(tmp_path: Path) -> None:
+    """Slurm may requeue (--requeue) a job after its outcome was written: the worker
+    started again for the same attempt leaves the result alone."""
+    from batchpool.recovery import secret_file
+    from batchpool.serialization import SECRET_ENV
+    from batchpool.store import STORE_ENV
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with BatchPoolExecutor(
+        max_workers=1, storage=str(tmp_path / "runs"), cleanup_bucket=False
+    ) as bpe:
+        assert bpe.submit(mark_and_square, str(marks), 3).result(timeout=30) == 9
+        url = bpe.run_url
+        spec = bpe._store.spec()
+    chunk = next(Path(url, "chunks").iterdir()).name.removesuffix(".in")
+    env = {
+        **os.environ,
+        STORE_ENV: spec,
+        SECRET_ENV: secret_file(url).read_text(),
+        "SLURM_RESTART_COUNT": "1",
+        "PYTHONPATH": str(TESTS),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "batchpool.worker", "--chunk", chunk, "--attempt", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "already has its result" in done.stderr
+    assert runs_of(marks, 3) == 1

@@ -6,6 +6,7 @@ script's output; elsewhere they skip with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -266,3 +267,47 @@ def test_walltime_kill_fails_with_timeout_and_the_log_tail(slurm: str, tmp_path:
     assert "JobState=TIMEOUT" in message, message
     assert "walltime job starting" in message  # the tail of the job's output file
     assert backend.sbatch_calls == 1
+
+
+@pytest.mark.timeout(240)
+def test_requeue_reruns_the_attempt_in_place(slurm: str, tmp_path: Path) -> None:
+    """With requeue=True, Slurm itself runs a requeued job again: same job id, same
+    attempt; the worker notes the restart, and the call's result comes back once."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def slow(x: int) -> int:
+        (marks / f"{os.getpid()}-{time.time()}").touch()
+        time.sleep(4)
+        return x + 1
+
+    backend = Recording(log_dir=tmp_path / "slurm-logs", requeue=True)
+    with BatchPoolExecutor(
+        backend=backend, storage=str(tmp_path / "runs"), cleanup_bucket=False
+    ) as bpe:
+        future = bpe.submit(slow, 41)
+        deadline = time.monotonic() + 60
+        while not any(marks.iterdir()):
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.1)
+        job_id = backend.ids[0]
+        # What preemption does to a --requeue job: back to the queue, run again.
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+        # Slurm holds a requeued job back (its BeginTime moves ~2 minutes on): let it go
+        # as soon as it is pending again.
+        deadline = time.monotonic() + 30
+        while (
+            "PENDING"
+            not in subprocess.run(
+                ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, "the requeued job never became pending"
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        assert future.result(timeout=200) == 42
+        run_url = bpe.run_url
+    assert backend.sbatch_calls == 1  # Slurm, not batchpool, ran it again
+    assert len(list(marks.iterdir())) == 2  # killed once mid-call, then run to the end
+    start = json.loads(next(Path(run_url, "events").glob("*.1.start")).read_text())
+    assert start["restarts"] >= 1 and start["engine_job"] == job_id
