@@ -3,7 +3,8 @@
 This module is the only place that knows where things live::
 
     <root>/<run-id>/
-        manifest.json                  name, created, versions, backend, settings
+        manifest.json                  name, created, versions, backend, settings; at
+                                       close, each chunk's job ids, attempts and state
         blobs/<sha256>                 content-addressed payloads
         chunks/<chunk>.in              a chunk's calls (signed)
         results/<chunk>.<attempt>.out  a chunk's outcomes, written once, atomically (signed)

@@ -94,6 +94,15 @@ class Chunk:
         if self.record is not None:
             self.record.state = state
 
+    def table_entry(self) -> dict[str, Any]:
+        """This chunk's row of the job table in ``manifest.json``."""
+        return {
+            "attempts": self.attempt,
+            "job_ids": list(self.record.job_ids) if self.record is not None else [self.job_id],
+            "calls": len(self.futures),
+            "state": self.state,
+        }
+
     def describe(self) -> str:
         calls = sum(f is not None for f in self.futures)
         names = ", ".join(sorted(set(self.labels)))
@@ -159,6 +168,8 @@ class Watcher:
         self._ended: collections.Counter[str] = collections.Counter()  # calls by final state
         self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
         self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
+        # chunk id -> its engine job ids and state: manifest.json's job table at close
+        self._job_table: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
         self._thread.start()
 
@@ -448,6 +459,7 @@ class Watcher:
                 chunk.record.job_ids.append(job_id)
             chunk.set_state("Ready")
             self._inflight[job_id] = chunk
+            self._job_table[chunk.id] = chunk.table_entry()
         # What a client that attaches after this one died needs: which jobs exist.
         self._journal(
             handed=[
@@ -462,6 +474,17 @@ class Watcher:
                 for chunk in chunks
             ]
         )
+
+    def _write_job_table(self) -> None:
+        """Put every chunk's engine job ids, attempts and final state in manifest.json,
+        once, as the run closes (while it runs, the journal in ``jobs/`` says it:
+        rewriting the manifest per job would cost O(jobs²) bytes)."""
+        try:
+            manifest = self.store.get_json(self.store.MANIFEST)
+            manifest.setdefault("jobs", {}).update(self._job_table)
+            self.store.put_json(self.store.MANIFEST, manifest)
+        except Exception as exc:
+            log.warning("batchpool: could not write the job table of %s: %s", self.store.url, exc)
 
     def _journal(self, **entry: Any) -> None:
         """Append one entry to the run's journal (``jobs/``); a failure only warns."""
@@ -579,6 +602,7 @@ class Watcher:
         """Note how a chunk's job ended (its record, the run's usage)."""
         failed = int(meta.get("failed") or 0)
         chunk.set_state("Failed" if failed else "Success")
+        self._job_table[chunk.id] = chunk.table_entry()
         record = chunk.record
         if record is not None:
             record.host = meta.get("host")
@@ -698,6 +722,7 @@ class Watcher:
         self, chunk: Chunk, exc: BaseException, *, state: str = "Error", reason: str = ""
     ) -> None:
         chunk.set_state(state)
+        self._job_table[chunk.id] = chunk.table_entry()
         if chunk.record is not None:
             ended = "cancelled" if state == "Cancelled" else "lost"
             chunk.record.exit = f"{ended}: {reason or exc}"
@@ -803,6 +828,7 @@ class Watcher:
     def _close(self) -> None:
         if not self._cleanup:
             self._journal(closed=time.time(), usage=self._usage.as_dict())
+            self._write_job_table()
         if self._owns_backend:
             try:
                 self.backend.close()
