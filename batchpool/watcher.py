@@ -239,7 +239,9 @@ class Watcher:
 
     def status(self, timeout: float = 30.0) -> dict[str, int]:
         """Calls by job state (``JOB_STATES``), as the watcher thread sees them now."""
-        if not self._thread.is_alive():  # it ended: every call has ended too
+        # In the watcher thread itself (a future's done-callback) it answers at once;
+        # once it ended, every call has ended too.
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
             return self._count_calls()
         request = _Request("status")
         self._events.put(request)
@@ -590,12 +592,12 @@ class Watcher:
         for future, ok, value in outcomes:
             if future.done():  # cancelled while its job ran
                 self._ended["Cancelled"] += 1
-            elif ok:
-                future.set_result(value)
+            elif ok:  # counted first: done-callbacks may ask for status()
                 self._ended["Success"] += 1
+                future.set_result(value)
             else:
-                future.set_exception(value)
                 self._ended["Failed"] += 1
+                future.set_exception(value)
         del outcomes, failures  # the callers alone keep results alive
 
     def _record_end(self, chunk: Chunk, meta: dict[str, Any]) -> None:
@@ -730,8 +732,8 @@ class Watcher:
             if future is None:
                 continue
             if not future.done():
-                future.set_exception(exc)
                 self._ended[state] += 1
+                future.set_exception(exc)
             elif future.cancelled():
                 self._ended["Cancelled"] += 1
         self._journal(

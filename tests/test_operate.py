@@ -488,3 +488,12 @@ def test_a_requeued_job_that_had_its_result_does_not_run_again(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert "already has its result" in done.stderr
     assert runs_of(marks, 3) == 1
+
+
+def test_status_from_a_done_callback(tmp_path: Path) -> None:
+    seen: list[dict[str, int]] = []
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as bpe:
+        future = bpe.submit(int, "3")
+        future.add_done_callback(lambda f: seen.append(bpe.status()))
+        assert future.result(timeout=30) == 3
+    assert seen and seen[0].get("Success") == 1
