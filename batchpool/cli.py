@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from batchpool.backends.base import Backend, JobState, backend_class, make_backend
 from batchpool.future import FINAL_STATES
+from batchpool.recovery import forget_secret
 from batchpool.runs import JobView, RunView, find_runs, format_bytes, process_started, read_run
 from batchpool.store import StorageError, Store, open_storage
 
@@ -763,6 +764,7 @@ def delete_runs(plan: CleanPlan) -> None:
         except StorageError as exc:
             plan.failed.append((run, str(exc)))
         else:
+            forget_secret(run.url)  # this user's copy of its secret, if it made the run
             deleted.append(run)
     plan.delete = deleted
 
