@@ -1,16 +1,21 @@
 #!/bin/bash
 # Start (idempotently) a single-node Slurm cluster on this machine, as root, without systemd.
 #
-#   bash ci/slurm.sh          install if needed, start munged/slurmctld/slurmd, wait for the node
+#   bash ci/slurm.sh          install if needed, start munged/mariadbd/slurmdbd/slurmctld/slurmd,
+#                             wait for the node
 #   bash ci/slurm.sh stop     stop the daemons started here (by PID file)
 #
 # Everything lives under $BATCHPOOL_SLURM_ROOT (default /var/lib/batchpool-slurm). The last
 # line printed is `export SLURM_CONF=<root>/slurm.conf`; the path is also in <root>/slurm_conf_path.
+# Accounting (slurmdbd on MariaDB, so `sacct` works, as on most clusters) is on unless
+# BATCHPOOL_SLURM_ACCOUNTING=0.
 set -euo pipefail
 
 ROOT="${BATCHPOOL_SLURM_ROOT:-/var/lib/batchpool-slurm}"
 CONF="$ROOT/slurm.conf"
 export SLURM_CONF="$CONF"
+ACCOUNTING="${BATCHPOOL_SLURM_ACCOUNTING:-1}"
+MYSQL_SOCKET=/run/mysqld/mysqld.sock  # where the MariaDB client library (slurmdbd) looks
 
 say() { echo "ci/slurm.sh: $*" >&2; }
 
@@ -32,6 +37,8 @@ stop_one() {  # stop_one PIDFILE
 if [ "${1:-}" = "stop" ]; then
     stop_one "$ROOT/run/slurmd.pid"
     stop_one "$ROOT/run/slurmctld.pid"
+    stop_one "$ROOT/run/slurmdbd.pid"
+    stop_one "$ROOT/mysqld/mariadb.pid"
     stop_one "$ROOT/munge/munged.pid"
     say "stopped"
     exit 0
@@ -47,8 +54,11 @@ node_idle() {
 }
 
 # Fast path: everything runs already.
+accounting_up() {
+    [ "$ACCOUNTING" = 0 ] || { alive "$ROOT/mysqld/mariadb.pid" && alive "$ROOT/run/slurmdbd.pid"; }
+}
 if alive "$ROOT/munge/munged.pid" && alive "$ROOT/run/slurmctld.pid" \
-    && alive "$ROOT/run/slurmd.pid" && node_idle; then
+    && alive "$ROOT/run/slurmd.pid" && accounting_up && node_idle; then
     say "already running"
     echo "export SLURM_CONF=$CONF"
     exit 0
@@ -56,7 +66,9 @@ fi
 
 # -- install ---------------------------------------------------------------------------------
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null \
-    || ! command -v sbatch >/dev/null; then
+    || ! command -v sbatch >/dev/null \
+    || { [ "$ACCOUNTING" != 0 ] && { ! command -v slurmdbd >/dev/null \
+        || ! command -v mariadbd >/dev/null; }; }; then
     if ! command -v apt-get >/dev/null; then
         say "apt-get not available: cannot install slurm-wlm and munge"
         exit 3
@@ -64,9 +76,11 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null \
     export DEBIAN_FRONTEND=noninteractive
     # Other scripts may be installing at the same time: wait for dpkg's lock.
     APT=(apt-get -o DPkg::Lock::Timeout=300 -y -q)
-    if ! "${APT[@]}" install slurm-wlm munge >/dev/null 2>&1; then
+    PACKAGES=(slurm-wlm munge)
+    [ "$ACCOUNTING" = 0 ] || PACKAGES+=(slurmdbd mariadb-server)
+    if ! "${APT[@]}" install "${PACKAGES[@]}" >/dev/null 2>&1; then
         "${APT[@]}" update >/dev/null
-        "${APT[@]}" install slurm-wlm munge >/dev/null
+        "${APT[@]}" install "${PACKAGES[@]}" >/dev/null
     fi
 fi
 
@@ -92,6 +106,49 @@ if ! alive "$ROOT/munge/munged.pid"; then
         --pid-file="$ROOT/munge/munged.pid" --log-file="$ROOT/munge/munged.log" \
         --seed-file="$MUNGE_DIR/munged.seed" --force
     for _ in $(seq 50); do [ -S "$SOCKET" ] && break; sleep 0.1; done
+fi
+
+# -- accounting: MariaDB and slurmdbd ----------------------------------------------------------
+ACCOUNTING_CONF=""
+if [ "$ACCOUNTING" != 0 ]; then
+    DB="$ROOT/mysql"
+    mkdir -p "$ROOT/mysqld" /run/mysqld
+    chown mysql:mysql "$ROOT/mysqld" /run/mysqld
+    if [ ! -d "$DB/mysql" ]; then
+        mariadb-install-db --user=mysql --datadir="$DB" --auth-root-authentication-method=socket \
+            >"$ROOT/mysqld/install.log" 2>&1 || { cat "$ROOT/mysqld/install.log" >&2; exit 1; }
+    fi
+    if ! alive "$ROOT/mysqld/mariadb.pid"; then
+        rm -f "$ROOT/mysqld/mariadb.pid"
+        # Root connects through the socket (unix_socket authentication): no password.
+        mariadbd --user=mysql --datadir="$DB" --socket="$MYSQL_SOCKET" --skip-networking \
+            --pid-file="$ROOT/mysqld/mariadb.pid" --log-error="$ROOT/mysqld/mariadb.log" \
+            >/dev/null 2>&1 &
+        for _ in $(seq 100); do mariadb -e 'select 1' >/dev/null 2>&1 && break; sleep 0.1; done
+        if ! mariadb -e 'select 1' >/dev/null 2>&1; then
+            say "MariaDB did not start; its log says:"
+            tail -n 20 "$ROOT/mysqld/mariadb.log" >&2 || true
+            exit 1
+        fi
+    fi
+    # slurmdbd reads slurmdbd.conf from the folder of $SLURM_CONF; it must be mode 0600.
+    cat >"$ROOT/slurmdbd.conf" <<DBD
+AuthType=auth/munge
+AuthInfo=socket=$SOCKET
+DbdHost=$HOST
+DbdAddr=127.0.0.1
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=root
+StorageLoc=slurm_acct_db
+PidFile=$ROOT/run/slurmdbd.pid
+LogFile=$ROOT/log/slurmdbd.log
+DBD
+    chmod 0600 "$ROOT/slurmdbd.conf"
+    ACCOUNTING_CONF="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=$HOST
+AccountingStoragePass=$SOCKET"
 fi
 
 # -- slurm.conf ------------------------------------------------------------------------------
@@ -129,6 +186,7 @@ SlurmdPidFile=$ROOT/run/slurmd.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
 SlurmdLogFile=$ROOT/log/slurmd.log
 $COMM
+$ACCOUNTING_CONF
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=16 RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
@@ -136,6 +194,15 @@ mv "$CONF.new" "$CONF"
 echo "$CONF" >"$ROOT/slurm_conf_path"
 
 # -- daemons ---------------------------------------------------------------------------------
+if [ "$ACCOUNTING" != 0 ] && ! alive "$ROOT/run/slurmdbd.pid"; then
+    rm -f "$ROOT/run/slurmdbd.pid"
+    slurmdbd
+    for _ in $(seq 100); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.1; done
+    # The cluster must exist in the database before slurmctld reports to it.
+    if ! sacctmgr -n -P list cluster format=cluster | grep -qx batchpool; then
+        sacctmgr -i add cluster batchpool >/dev/null
+    fi
+fi
 if ! alive "$ROOT/run/slurmctld.pid"; then
     rm -f "$ROOT/run/slurmctld.pid"
     slurmctld -f "$CONF"
@@ -158,5 +225,6 @@ for _ in $(seq 120); do
 done
 say "the node did not become idle within 60 s; sinfo says:"
 sinfo >&2 || true
-tail -n 20 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd.log" "$ROOT/munge/munged.log" >&2 || true
+tail -n 20 "$ROOT/log/slurmctld.log" "$ROOT/log/slurmd.log" "$ROOT/munge/munged.log" \
+    "$ROOT/log/slurmdbd.log" >&2 2>/dev/null || true
 exit 1

@@ -294,7 +294,8 @@ def test_requeue_reruns_the_attempt_in_place(slurm: str, tmp_path: Path) -> None
         # What preemption does to a --requeue job: back to the queue, run again.
         subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
         # Slurm holds a requeued job back (its BeginTime moves ~2 minutes on): let it go
-        # as soon as it is pending again.
+        # a few seconds after it is pending again (sooner, slurmd may still hold the
+        # revoked credential of the killed run and refuse to launch it).
         deadline = time.monotonic() + 30
         while (
             "PENDING"
@@ -304,10 +305,32 @@ def test_requeue_reruns_the_attempt_in_place(slurm: str, tmp_path: Path) -> None
         ):
             assert time.monotonic() < deadline, "the requeued job never became pending"
             time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
         assert future.result(timeout=200) == 42
         run_url = bpe.run_url
     assert backend.sbatch_calls == 1  # Slurm, not batchpool, ran it again
     assert len(list(marks.iterdir())) == 2  # killed once mid-call, then run to the end
     start = json.loads(next(Path(run_url, "events").glob("*.1.start")).read_text())
     assert start["restarts"] >= 1 and start["engine_job"] == job_id
+
+
+@pytest.mark.parametrize("accounting", [True, False], ids=["sacct", "scontrol"])
+def test_ended_jobs_are_read_from_sacct_or_else_scontrol(
+    slurm: str, tmp_path: Path, accounting: bool
+) -> None:
+    """squeue forgets ended jobs (after MinJobAge): their states then come from sacct
+    where accounting runs (ci/slurm.sh starts slurmdbd), else from scontrol."""
+    options = {} if accounting else {"sacct": str(tmp_path / "no-sacct")}
+    backend = Recording(log_dir=tmp_path / "slurm-logs", **options)
+    with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "runs"), max_attempts=1) as bpe:
+        assert list(bpe.map(triple, range(4), chunksize=1)) == [0, 3, 6, 9]
+        with pytest.raises(WorkerLostError):
+            bpe.submit(os._exit, 3).result(timeout=90)
+    *done, failed = backend.ids
+    deadline = time.monotonic() + 30  # slurmctld reports to slurmdbd a moment later
+    while len(words := backend._finished_states([*done, failed])) < 5:
+        assert time.monotonic() < deadline, f"sacct never listed every job: {words}"
+        time.sleep(0.5)
+    assert backend._accounting is accounting
+    assert [slurm_state(words[job]) for job in done] == [JobState.SUCCEEDED] * 4
+    assert slurm_state(words[failed]) is JobState.FAILED
