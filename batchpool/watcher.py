@@ -154,6 +154,9 @@ class Watcher:
         # Chunks written ahead, waiting for a free slot: a backlog lives in the store,
         # not only in this process, so a client that dies loses no call (see attach).
         self._parked: collections.deque[Chunk] = collections.deque()
+        # cancel_pending() counts up; a backlog taken before it and parked after it
+        # (its input is written in between) is cancelled as it is parked.
+        self._cancel_epoch = 0
         self._stopping = False
         self._poll_ceiling = POLL_MAX if max_poll_interval is None else max_poll_interval
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
@@ -187,6 +190,7 @@ class Watcher:
     def cancel_pending(self) -> None:
         """Cancel every call not yet handed to the backend."""
         with self._lock:
+            self._cancel_epoch += 1
             groups = list(self._pending)
             self._pending.clear()
         cancelled = 0
@@ -330,12 +334,16 @@ class Watcher:
         while self._retry and len(self._inflight) + len(ready) < self._limit:
             ready.append(self._retry.popleft())
         while len(self._inflight) + len(ready) < self._limit:
-            with self._lock:
+            with self._lock:  # one step with cancel_pending's look at _parked
                 parked = self._parked.popleft() if self._parked else None
+                live = parked is not None and self._start_parked(parked)
             if parked is None:
                 break
-            if self._start_parked(parked):
+            if live:
                 ready.append(parked)
+            else:
+                reason = "every call was cancelled before the job was handed over"
+                self._journal_given_up(parked, "Cancelled", reason)
         while len(self._inflight) + len(ready) < self._limit:
             groups = self._take_groups(len(ready))
             if not groups:
@@ -350,17 +358,29 @@ class Watcher:
     def _park_backlog(self) -> None:
         """Write the calls that wait for a free slot into chunks now."""
         while True:
+            with self._lock:
+                epoch = self._cancel_epoch
             groups = self._take_groups(0, start=False)
             if not groups:
                 return
             chunk = self._make_chunk(groups)
-            if chunk is not None:
-                with self._lock:
+            if chunk is None:
+                continue
+            with self._lock:
+                cancelled = epoch != self._cancel_epoch
+                if not cancelled:
                     self._parked.append(chunk)
+            if cancelled:  # cancel_pending ran while the chunk was being written
+                for i, future in enumerate(chunk.futures):
+                    if future is not None and future.cancel():
+                        chunk.futures[i] = None
+                        self._ended["Cancelled"] += 1
+                chunk.set_state("Cancelled")
+                self._journal_given_up(chunk, "Cancelled", "cancelled before it was handed over")
 
     def _start_parked(self, chunk: Chunk) -> bool:
         """Mark a parked chunk's calls running as it is handed over; False when every
-        call was cancelled while it waited (the chunk is dropped)."""
+        call was cancelled while it waited (the chunk is dropped). Under ``_lock``."""
         for i, future in enumerate(chunk.futures):
             if future is not None and not future._start():
                 chunk.futures[i] = None
@@ -369,16 +389,6 @@ class Watcher:
         if any(f is not None for f in chunk.futures):
             return True
         chunk.set_state("Cancelled")
-        self._journal(
-            given_up=[
-                {
-                    "chunk": chunk.id,
-                    "attempt": chunk.attempt,
-                    "state": "Cancelled",
-                    "reason": "every call was cancelled before the job was handed over",
-                }
-            ]
-        )
         return False
 
     def _take_groups(self, readied: int, start: bool = True) -> list[tuple[CallGroup, list[int]]]:
@@ -554,6 +564,9 @@ class Watcher:
 
     def _on_event(self, event: JobEvent) -> None:
         if not event.state.is_final:
+            running = self._inflight.get(event.job_id)
+            if running is not None and event.state is JobState.RUNNING:
+                running.set_state("Running")
             return
         chunk = self._inflight.pop(event.job_id, None)
         if chunk is None:  # already handled through a status poll
@@ -736,16 +749,11 @@ class Watcher:
                 future.set_exception(exc)
             elif future.cancelled():
                 self._ended["Cancelled"] += 1
-        self._journal(
-            given_up=[
-                {
-                    "chunk": chunk.id,
-                    "attempt": chunk.attempt,
-                    "state": state,
-                    "reason": (reason or f"{type(exc).__name__}: {exc}")[:2000],
-                }
-            ]
-        )
+        self._journal_given_up(chunk, state, reason or f"{type(exc).__name__}: {exc}")
+
+    def _journal_given_up(self, chunk: Chunk, state: str, reason: str) -> None:
+        entry = {"chunk": chunk.id, "attempt": chunk.attempt, "state": state}
+        self._journal(given_up=[{**entry, "reason": reason[:2000]}])
 
     # -- a run adopted from a client that died -------------------------------------------
 

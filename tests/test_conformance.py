@@ -341,10 +341,15 @@ def test_shutdown_cancel_futures(tmp_path: Path, gate: Gate) -> None:
     queued = ex.submit(triple, 2)
     wait_until(queued.running)
     pending = [ex.submit(touch, gate.path(f"p{i}")) for i in range(5)]
-    gate.open("go")
+    # The running call may end only once shutdown has begun: were it to end first, its
+    # free slot could start a pending call before shutdown cancels it (so could the
+    # stdlib's), which a loaded machine makes likely enough to flake.
+    opener = threading.Timer(0.5, gate.open, ["go"])
+    opener.start()
     ex.shutdown(wait=True, cancel_futures=True)
+    opener.join()
     assert running.result() is None and queued.result() == 6
-    assert all(f.cancelled() for f in pending)
+    assert all(f.cancelled() for f in pending), [f._state for f in pending]
     assert not any(os.path.exists(gate.path(f"p{i}")) for i in range(5))
 
 

@@ -278,6 +278,8 @@ class LocalBackend(Backend):
                     worker.job = None
                     worker.ready = False
                     self._queue.appendleft(job)
+                elif job.notify is not None:  # it left the queue: the job runs
+                    job.notify(JobEvent(job.id, JobState.RUNNING))
 
     def _manage(self) -> None:
         while True:
