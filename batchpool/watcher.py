@@ -54,6 +54,8 @@ LOG_TAIL_LINES = 20
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
 POLL_MIN, POLL_MAX = 0.05, 2.0
+#: How often, at most, a client with jobs in flight looks for ``cancel.json`` (seconds).
+CANCEL_CHECK = 10.0
 #: How often the chunks of an attached run that old workers still run are checked.
 ORPHAN_POLL = 0.5
 #: Status queries that may fail in a row before the jobs in flight count as lost.
@@ -171,6 +173,7 @@ class Watcher:
         self._ended: collections.Counter[str] = collections.Counter()  # calls by final state
         self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
         self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
+        self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         # chunk id -> its engine job ids and state: manifest.json's job table at close
         self._job_table: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
@@ -522,6 +525,12 @@ class Watcher:
 
     def _poll(self) -> None:
         """Ask the backend, in one query, for the state of every job in flight."""
+        if not self._cancel_requested and time.monotonic() >= self._next_cancel_check:
+            # `batchpool cancel` from a machine that cannot reach the engine leaves
+            # only cancel.json: one existence check every CANCEL_CHECK seconds.
+            self._next_cancel_check = time.monotonic() + CANCEL_CHECK
+            if self._cancel_marked():
+                self._on_cancel_request()
         reason = ""
         try:
             states = self.backend.status(list(self._inflight))
@@ -708,7 +717,8 @@ class Watcher:
 
     def _cancel_marked(self) -> bool:
         """Whether ``batchpool cancel`` asked this run to stop (checked when a job is lost,
-        as a cancel through the engine makes jobs end without a result)."""
+        as a cancel through the engine makes jobs end without a result, and every
+        ``CANCEL_CHECK`` seconds while jobs are in flight)."""
         try:
             return self.store.exists(self.store.CANCEL)
         except Exception:
@@ -719,6 +729,16 @@ class Watcher:
         log.warning("batchpool: the run %s was cancelled (batchpool cancel)", self.store.url)
         self._cancel_requested = True
         self.cancel_pending()
+        with self._lock:  # parked chunks are never handed over now
+            parked = list(self._parked)
+            self._parked.clear()
+        for chunk in parked:
+            for i, future in enumerate(chunk.futures):
+                if future is not None:
+                    chunk.futures[i] = None
+                    self._ended["Cancelled"] += 1
+            chunk.set_state("Cancelled")
+            self._journal_given_up(chunk, "Cancelled", "batchpool cancel")
         if self._inflight:  # each ends as CANCELLED, and is not retried
             try:
                 self.backend.cancel(list(self._inflight))

@@ -500,3 +500,28 @@ def test_status_from_a_done_callback(tmp_path: Path) -> None:
         future.add_done_callback(lambda f: seen.append(bpe.status()))
         assert future.result(timeout=30) == 3
     assert seen and seen[0].get("Success") == 1
+
+
+def test_cancel_json_alone_stops_a_live_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batchpool cancel` from a machine that cannot reach the engine leaves only
+    cancel.json: the client finds it on its own and stops everything."""
+    from batchpool import WorkerLostError, watcher
+
+    monkeypatch.setattr(watcher, "CANCEL_CHECK", 0.5)
+    monkeypatch.setattr(watcher, "SAFETY_POLL", 0.5)
+    gate = tmp_path / "gate"
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path / "runs")) as bpe:
+        try:
+            blocked = bpe.submit(wait_gate, str(gate))
+            backlog = [bpe.submit(int, "1") for _ in range(6)]
+            Path(bpe.run_url, "cancel.json").write_text('{"by": "test"}')
+            done, _ = cf.wait([blocked, *backlog], timeout=30)
+            assert len(done) == 7, "the client never noticed cancel.json"
+        finally:
+            gate.touch()
+    with pytest.raises((WorkerLostError, cf.CancelledError), match="cancel"):
+        blocked.result()
+    assert all(f.cancelled() or f.exception() is not None for f in backlog)
+    assert bpe.status() == {"Cancelled": 7}
