@@ -811,6 +811,7 @@ class BatchPoolExecutor(cf.Executor):
         iterables: Iterable[Iterable[Any]],
         timeout: float | None = None,
         chunksize: int | None = None,
+        progress: bool | None = None,
     ) -> AsyncMap:
         """``map`` for event loops, with Hail's signature (one list of iterables).
 
@@ -818,7 +819,7 @@ class BatchPoolExecutor(cf.Executor):
         thread) when awaited and yields results in input order;
         ``async for r in bpe.async_map(fn, [xs])`` works too.
         """
-        return self._async_map(None, fn, iterables, timeout, chunksize)
+        return self._async_map(None, fn, iterables, timeout, chunksize, progress)
 
     def _async_map(
         self,
@@ -827,8 +828,9 @@ class BatchPoolExecutor(cf.Executor):
         iterables: Iterable[Iterable[Any]],
         timeout: float | None,
         chunksize: int | None,
+        progress: bool | None = None,
     ) -> AsyncMap:
-        return AsyncMap(self, fn, list(iterables), timeout, chunksize, resources)
+        return AsyncMap(self, fn, list(iterables), timeout, chunksize, resources, progress)
 
     async def __aenter__(self) -> BatchPoolExecutor:
         return self
@@ -927,8 +929,11 @@ class JobOptions:
         iterables: Iterable[Iterable[Any]],
         timeout: float | None = None,
         chunksize: int | None = None,
+        progress: bool | None = None,
     ) -> AsyncMap:
-        return self._executor._async_map(self.resources, fn, iterables, timeout, chunksize)
+        return self._executor._async_map(
+            self.resources, fn, iterables, timeout, chunksize, progress
+        )
 
     def __repr__(self) -> str:
         return f"<options of {self._executor!r}: {self.resources}>"
@@ -958,9 +963,11 @@ class AsyncMap:
         timeout: float | None,
         chunksize: int | None,
         resources: Resources | None = None,
+        progress: bool | None = None,
     ) -> None:
         self._executor = executor
         self._resources = resources
+        self._progress = progress
         self._fn = fn
         self._iterables = iterables
         self._chunksize = chunksize
@@ -977,7 +984,13 @@ class AsyncMap:
 
             def submit_all() -> list[BatchPoolFuture]:
                 chunks = self._executor._map_futures(
-                    self._fn, self._iterables, self._timeout, self._chunksize, None, self._resources
+                    self._fn,
+                    self._iterables,
+                    self._timeout,
+                    self._chunksize,
+                    None,
+                    self._resources,
+                    self._progress,
                 )
                 return [future for chunk in chunks for future in chunk]
 

@@ -525,3 +525,14 @@ def test_cancel_json_alone_stops_a_live_client(
         blocked.result()
     assert all(f.cancelled() or f.exception() is not None for f in backlog)
     assert bpe.status() == {"Cancelled": 7}
+
+
+def test_async_map_takes_progress_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    async def main() -> list[int]:
+        async with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as bpe:
+            return [r async for r in await bpe.async_map(int, [["4", "5"]], progress=True)]
+
+    assert asyncio.run(main()) == [4, 5]
+    assert "2/2" in capsys.readouterr().err
