@@ -57,10 +57,6 @@ class Progress:
             dynamic_ncols=True,
         )
 
-    @property
-    def shown(self) -> bool:
-        return self._bar is not None
-
     def watch(self, futures: list[BatchPoolFuture]) -> None:
         """Count these calls as they end."""
         if self._bar is None:

@@ -31,7 +31,7 @@ import platformdirs
 from batchpool.backends.base import Backend, Resources
 from batchpool.errors import BatchPoolError
 from batchpool.future import BatchPoolFuture, JobRecord
-from batchpool.runs import JobView, RunView, process_started, read_run
+from batchpool.runs import JobView, RunView, find_runs, process_started, read_run
 from batchpool.serialization import (
     ERROR,
     OK,
@@ -107,31 +107,18 @@ def find_run(fs: Any, root: str, name: str) -> Store:
     if exact.exists(Store.MANIFEST):
         return exact
     slug = run_slug(name)
-    root_store = Store(fs, root)
-    candidates = [
-        key.split("/", 1)[0]
-        for key in _list_dirs(root_store)
-        if key.startswith(f"{slug}-") or key == slug
+    named = [
+        run
+        for run in find_runs((fs, root))  # in folder order: a name's runs oldest first
+        if (run_id := run.root.rsplit("/", 1)[-1]) == slug or run_id.startswith(f"{slug}-")
     ]
-    for run_id in sorted(candidates, reverse=True):  # ids end with a UTC time stamp
-        store = Store(fs, f"{root}/{run_id}")
-        if store.exists(Store.MANIFEST):
-            return store
+    if named:
+        return named[-1]
+    url = Store(fs, root).url
     raise FileNotFoundError(
-        f"no run named {name!r} in {root_store.url}: `batchpool runs {root_store.url}` lists "
-        "the runs there (a run is kept after its executor ends only with cleanup_bucket=False)"
+        f"no run named {name!r} in {url}: `batchpool runs {url}` lists the runs there "
+        "(a run is kept after its executor ends only with cleanup_bucket=False)"
     )
-
-
-def _list_dirs(root: Store) -> list[str]:
-    root.fs.invalidate_cache(root.root)
-    try:
-        entries = root.fs.ls(root.root, detail=True)
-    except FileNotFoundError:
-        return []
-    return [
-        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
-    ]
 
 
 def next_sequences(view: RunView) -> tuple[int, int]:

@@ -211,7 +211,6 @@ class RunView:
     cancel_request: dict[str, Any] | None = None
     size_bytes: int = 0
     journal_entries: int = 0
-    chunks_written: int = 0
 
     @property
     def url(self) -> str:
@@ -403,7 +402,6 @@ def read_run(store: Store) -> RunView:
         cancel_request=cancel_request,
         size_bytes=sum(listed.values()),
         journal_entries=len(journal_keys),
-        chunks_written=sum(1 for key in listed if key.startswith("chunks/")),
     )
 
 

@@ -20,6 +20,7 @@ twice that for a backend that queues jobs itself, so no worker idles between job
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import logging
 import queue
 import threading
@@ -662,7 +663,8 @@ class Watcher:
     def _lost(self, chunk: Chunk, event: JobEvent) -> None:
         if all(f is None or f.done() for f in chunk.futures):
             # Its calls were cancelled (their queued job dropped): nothing to retry.
-            self._fail(chunk, cf_cancelled(), state="Cancelled", reason="cancelled by the caller")
+            dropped = cf.CancelledError("cancelled by the caller")
+            self._fail(chunk, dropped, state="Cancelled", reason="cancelled by the caller")
             return
         reason = event.reason or f"it ended as {event.state.name}"
         if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
@@ -902,12 +904,6 @@ class _Request:
                 "waiting on storage (see the log of the 'batchpool' logger)"
             )
         return self._value
-
-
-def cf_cancelled() -> BaseException:
-    import concurrent.futures as cf
-
-    return cf.CancelledError("cancelled")
 
 
 def _storage_error(what: str, chunk: Chunk, exc: Exception) -> BatchPoolError:

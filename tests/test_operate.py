@@ -18,8 +18,7 @@ import pytest
 from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
 from batchpool import BatchPoolExecutor
-from batchpool.runs import read_run
-from batchpool.store import Store, open_storage
+from batchpool.runs import open_run, read_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -161,8 +160,7 @@ def test_the_store_tells_the_same_story(tmp_path: Path) -> None:
         with pytest.raises(ZeroDivisionError):
             bad.result(timeout=60)
         url = bpe.run_url
-    fs, root = open_storage(url)
-    view = read_run(Store(fs, root))
+    view = read_run(open_run(url))
     assert view.name == "story" and view.state == "closed"
     assert view.counts() == {"Success": 1, "Failed": 1}
     jobs = {job.state: job for job in view.jobs}
@@ -317,8 +315,7 @@ def test_resume_runs_only_failed_and_missing_calls(tmp_path: Path) -> None:
     manifest = json.loads(Path(run_url, "manifest.json").read_text())
     assert [s["how"] for s in manifest["sessions"]] == ["resume"]
     # The store shows the earlier failures as run again: nothing is left to fix.
-    fs, root = open_storage(run_url)
-    view = read_run(Store(fs, root))
+    view = read_run(open_run(run_url))
     assert view.troubled() == [] and view.call_counts() == {"Success": 12}
     assert sum(job.rerun for job in view.jobs) >= 1
 
