@@ -26,9 +26,14 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from batchpool.backends.base import Backend, JobState, backend_class, make_backend
+from batchpool.documents import CancelRequest, DocumentError, Manifest, to_builtins
+from batchpool.errors import BatchPoolError
 from batchpool.future import FINAL_STATES
-from batchpool.recovery import forget_secret
-from batchpool.runs import JobView, RunView, find_runs, format_bytes, process_started, read_run
+from batchpool.processes import is_our_worker, process_started
+from batchpool.recovery import find_secret, forget_secret
+from batchpool.runs import JobView, RunView, find_runs, format_bytes, read_run
+from batchpool.safetext import printable
+from batchpool.serialization import SECRET_ENV
 from batchpool.store import StorageError, Store, open_storage
 
 EXIT_OK = 0
@@ -72,8 +77,15 @@ class CommandError(Exception):
 # -- formatting -------------------------------------------------------------------------------
 
 
+def safe(text: str) -> str:
+    """Store text as one printable line: control characters shown as escapes."""
+    return printable(text, one_line=True)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns aligned on the widest cell, three spaces apart, as ``kubectl get`` prints."""
+    """Columns aligned on the widest cell, three spaces apart, as ``kubectl get`` prints;
+    cells (store text) made printable."""
+    rows = [[safe(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -199,12 +211,13 @@ def storage_exists(store: Store) -> bool:
     return bucket != store.root and folder_exists(Store(store.fs, bucket))
 
 
-def read_manifest(store: Store) -> dict[str, Any]:
+def read_manifest(store: Store) -> Manifest | None:
+    """The run's manifest, checked against its schema; None when it is missing or is not
+    a batchpool run's (unsigned: for finding runs by name, never to act on)."""
     try:
-        manifest = store.get_json(Store.MANIFEST)
-    except (FileNotFoundError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
+        return store.get_document(Manifest, Store.MANIFEST)
+    except (FileNotFoundError, DocumentError):
+        return None
 
 
 def run_names(stores: Sequence[Store], limit: int = 5) -> str:
@@ -213,30 +226,50 @@ def run_names(stores: Sequence[Store], limit: int = 5) -> str:
     return ", ".join(names) + (f" (and {more} more)" if more > 0 else "")
 
 
-def resolve_run(target: str, options: Mapping[str, Any], *, unique: bool = False) -> Store:
-    """The run that ``target`` names: a run's folder or URL; else the newest run beside it
-    whose id starts with ``target``'s last part or whose name is that part (the only one
-    when ``unique``)."""
+def resolve_run(target: str, options: Mapping[str, Any], *, exact: bool = False) -> Store:
+    """The run that ``target`` names: a run's folder or URL; else, among the runs beside
+    it, the newest whose name (as given to the executor) is ``target``'s last part, or
+    the one run whose id starts with it, which is said on stderr. With ``exact`` (for
+    commands that change a run), only a folder or a name that names one run alone."""
     store = open_root(target, options)
     if store.exists(Store.MANIFEST):
         return store
     parent_root, _, wanted = store.root.rpartition("/")
     parent = Store(store.fs, parent_root, retry_deadline=RETRY_DEADLINE) if parent_root else None
     siblings = runs_in(parent) if parent is not None and wanted else []
-    matches = []
+    named: list[tuple[float, str, Store]] = []
+    prefixed: list[Store] = []
     for run in siblings:
         manifest = read_manifest(run)
-        run_id = str(manifest.get("run_id") or run.root.rsplit("/", 1)[-1])
-        if run_id.startswith(wanted) or manifest.get("name") == wanted:
-            matches.append((iso_time(manifest.get("created")) or 0.0, run.root, run))
-    matches.sort(key=lambda match: (match[0], match[1]))
-    if len(matches) == 1 or (matches and not unique):
-        return matches[-1][2]
-    if matches:
+        if manifest is not None and manifest.name == wanted:
+            named.append((iso_time(manifest.created) or 0.0, run.root, run))
+        elif run.root.rsplit("/", 1)[-1].startswith(wanted):
+            prefixed.append(run)
+    named.sort(key=lambda match: (match[0], match[1]))
+    if len(named) == 1 or (named and not exact):
+        return named[-1][2]
+    if named:
         raise CommandError(
-            f"{target} names {plural(len(matches), 'run')}: {run_names([m[2] for m in matches])}; "
+            f"{target} names {plural(len(named), 'run')}: {run_names([m[2] for m in named])}; "
             "give the folder of the one you mean"
         )
+    if prefixed:
+        ids = run_names(prefixed)
+        if exact:
+            raise CommandError(
+                f"{target} is not a run: {wanted!r} is only the start of the id of "
+                f"{plural(len(prefixed), 'run')} ({ids}); give the whole id of the one you mean"
+            )
+        if len(prefixed) > 1:
+            raise CommandError(
+                f"{target} is not a run: {wanted!r} is the start of the ids of "
+                f"{plural(len(prefixed), 'run')} ({ids}); give more of the id"
+            )
+        print(
+            f"batchpool: {wanted!r} taken as the start of the id of run {ids}",
+            file=sys.stderr,
+        )
+        return prefixed[0]
     exists = folder_exists(store)
     inside = runs_in(store) if exists else []
     if inside:
@@ -258,9 +291,19 @@ def resolve_run(target: str, options: Mapping[str, Any], *, unique: bool = False
     )
 
 
-def load_run(store: Store) -> RunView:
+def run_secret(store: Store) -> bytes | None:
+    """The run's secret, when this machine has it (``BATCHPOOL_RUN_SECRET``, or the file
+    the client that made the run kept): then only what carries the run's signature is
+    acted on."""
     try:
-        return read_run(store)
+        return find_secret(store.url)
+    except BatchPoolError as exc:  # a secret file that is not private, or not hex
+        raise CommandError(str(exc)) from exc
+
+
+def load_run(store: Store, secret: bytes | None = None) -> RunView:
+    try:
+        return read_run(store, secret)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -286,10 +329,9 @@ def same_process(pid: Any, pid_started: Any) -> bool | None:
 def client_alive(run: RunView) -> bool | None:
     """Whether the run's client process lives; None when it is on another host or its
     manifest does not say which process it is."""
-    client = run.manifest.get("client") or {}
-    if not isinstance(client, dict) or client.get("host") != socket.gethostname():
+    if run.manifest is None or run.manifest.client.host != socket.gethostname():
         return None
-    return same_process(client.get("pid"), client.get("pid_started"))
+    return same_process(run.manifest.client.pid, run.manifest.client.pid_started)
 
 
 def run_state(run: RunView, alive: bool | None) -> str:
@@ -304,66 +346,66 @@ def run_state(run: RunView, alive: bool | None) -> str:
 
 @dataclass
 class Engine:
-    """The backend a run's manifest records, and what the command can ask of it."""
+    """The backend a run's manifest names, and what the command can ask of it.
+
+    Only the name comes from the store: it picks one of the backends installed here.
+    The backend is made with this command's ``--backend-option`` values in this
+    process's environment, as any command of the engine would be: nothing in a store
+    chooses a program to run or an environment variable.
+    """
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, str] = field(default_factory=dict)
     #: Its job ids outlive the client: it can be asked about and cancel the jobs.
     queryable: bool = False
+    backend_class: type[Backend] | None = None
 
     @property
     def local(self) -> bool:
         return self.name in LOCAL_BACKENDS
 
+    def usable_ids(self, run: RunView, jobs: Sequence[JobView]) -> dict[str, JobView]:
+        """``{job id: job}`` of the jobs whose ids have this engine's own form; the others
+        are named in ``run.problems`` and never reach an engine command."""
+        usable: dict[str, JobView] = {}
+        for job in jobs:
+            if not job.job_id or self.backend_class is None:
+                continue
+            try:
+                self.backend_class.check_job_id(job.job_id)
+            except ValueError as exc:
+                run.problems.append(f"chunk {job.chunk}: {exc}; the engine was not asked")
+                continue
+            usable[job.job_id] = job
+        return usable
 
-def engine_of(run: RunView) -> Engine:
-    info = run.backend
-    name = str(info.get("name") or "?")
-    engine = Engine(
-        name,
-        dict(info.get("options") or {}),
-        {str(k): str(v) for k, v in (info.get("environment") or {}).items()},
-    )
-    if not engine.local:
+
+def engine_of(run: RunView, options: Mapping[str, Any] | None) -> Engine:
+    engine = Engine(run.backend_name or "?", dict(options or {}))
+    if not engine.local and run.backend_name:
         try:
-            engine.queryable = backend_class(name).job_ids_outlive_client
+            engine.backend_class = backend_class(engine.name)
+            engine.queryable = engine.backend_class.job_ids_outlive_client
         except (ValueError, TypeError, ImportError):
             engine.queryable = False
     return engine
 
 
 @contextlib.contextmanager
-def environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``variables`` set, restored afterwards."""
-    saved = {key: os.environ.get(key) for key in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
 def rebuilt_backend(engine: Engine) -> Iterator[Backend]:
-    """The run's backend, rebuilt from its manifest, in the environment it recorded."""
-    with environment(engine.environment):
-        try:
-            backend = make_backend(engine.name, **engine.options)
-        except Exception as exc:
-            raise CommandError(
-                f"could not rebuild the run's {engine.name} backend from its manifest "
-                f"({type(exc).__name__}: {exc})",
-                EXIT_UNREACHABLE,
-            ) from exc
-        try:
-            yield backend
-        finally:
-            backend.close()
+    """The run's backend, made here from its name and the command's backend options."""
+    try:
+        backend = make_backend(engine.name, **engine.options)
+    except Exception as exc:
+        raise CommandError(
+            f"could not make a {engine.name} backend here ({type(exc).__name__}: {exc}); "
+            "--backend-option KEY=VALUE passes its options (e.g. a command's path)",
+            EXIT_UNREACHABLE,
+        ) from exc
+    try:
+        yield backend
+    finally:
+        backend.close()
 
 
 def ask_engine(engine: Engine, job_ids: Sequence[str]) -> dict[str, JobState]:
@@ -385,14 +427,16 @@ def mark_error(run: RunView, job: JobView, reason: str) -> None:
     job.state, job.exit, job.reason = "Error", reason, reason
 
 
-def refine_states(run: RunView, alive: bool | None) -> str | None:
+def refine_states(
+    run: RunView, alive: bool | None, options: Mapping[str, Any] | None = None
+) -> str | None:
     """Correct the store's Ready and Running jobs with what is known of them: the engine's
     word when its job ids outlive the client; for local runs, whether the worker process
     still lives. Returns why the engine could not be asked, if it could not."""
-    engine = engine_of(run)
+    engine = engine_of(run, options)
     live = [job for job in run.jobs if job.state in ("Ready", "Running")]
     if engine.queryable:
-        asked = {job.job_id: job for job in live if job.job_id}
+        asked = engine.usable_ids(run, live)
         if not asked:
             return None
         try:
@@ -424,10 +468,12 @@ def run_summary(run: RunView, state: str) -> dict[str, Any]:
         "created": run.created,
         "age_seconds": None if created is None else round(time.time() - created, 1),
         "state": state,
-        "backend": run.backend.get("name"),
+        "backend": run.backend_name,
         "job_counts": run.counts(),
         "call_counts": run.call_counts(),
         "size_bytes": run.size_bytes,
+        "verified": run.verified,
+        "problems": run.problems,
     }
 
 
@@ -439,8 +485,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for store in runs_in(root):
         try:
             views.append(read_run(store))
-        except (FileNotFoundError, ValueError) as exc:  # deleted meanwhile, or damaged
-            print(f"batchpool runs: skipped {store.url}: {exc}", file=sys.stderr)
+        except (OSError, ValueError, StorageError) as exc:  # deleted meanwhile, or unreadable
+            print(f"batchpool runs: skipped {safe(store.url)}: {safe(str(exc))}", file=sys.stderr)
     rows = [(run, run_state(run, client_alive(run))) for run in views]
     if args.json:
         print_json({"storage": root.url, "runs": [run_summary(r, state) for r, state in rows]})
@@ -453,7 +499,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = [
         [
-            run.run_id,
+            run.folder if run.manifest is None else run.run_id,
             run.name or "-",
             format_created(run),
             format_age_of(run),
@@ -464,6 +510,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for run, state in rows
     ]
     print(format_table(["RUN", "NAME", "CREATED", "AGE", "STATE", "JOBS", "SIZE"], table))
+    for run, _ in rows:
+        if run.manifest is None:
+            print(f"{run.folder}: {run.problems[0]}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -498,34 +547,42 @@ def status_header(run: RunView, state: str) -> list[tuple[str, str]]:
         ("run", run.url),
         ("name", run.name or "-"),
         ("created", f"{created} ({format_age_of(run)} ago)" if created != "?" else "?"),
-        ("backend", str(run.backend.get("name") or "?")),
+        ("backend", run.backend_name or "?"),
         ("state", state),
         ("jobs", format_counts(run.counts())),
         ("calls", format_counts(run.call_counts())),
         ("usage", str(run.usage())),
+        (
+            "signatures",
+            "checked with the run's secret"
+            if run.verified
+            else "not checked (the run's secret is not on this machine)",
+        ),
     ]
     if run.cancel_request:
         request = run.cancel_request
-        when = request.get("requested")
-        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "?"
-        lines.append(("cancel", f"requested by {request.get('by', '?')} at {at}"))
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(request.requested))
+        lines.append(("cancel", f"requested by {request.by} at {at}"))
     return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    run = load_run(resolve_run(args.run, args.storage_options))
+    store = resolve_run(args.run, args.storage_options)
+    run = load_run(store, run_secret(store))
     alive = client_alive(run)
     state = run_state(run, alive)  # the store's: a job found dead does not finish the run
-    engine_problem = refine_states(run, alive)
-    trouble = bool(run.troubled())
+    engine_problem = refine_states(run, alive, args.backend_options)
+    trouble = bool(run.troubled() or run.problems)
     code = EXIT_UNREACHABLE if engine_problem else EXIT_TROUBLE if trouble else EXIT_OK
     if args.json:
         jobs = [{**job.as_dict(), "job_id": job.job_id, "pid": job.pid} for job in run.jobs]
         document = {
             **run_summary(run, state),
-            "client": run.manifest.get("client"),
+            "client": None if run.manifest is None else to_builtins(run.manifest.client),
             "closed": run.closed,
-            "cancel_request": run.cancel_request,
+            "cancel_request": None
+            if run.cancel_request is None
+            else to_builtins(run.cancel_request),
             "usage": run.usage().as_dict(),
             "engine_error": engine_problem,
             "jobs": jobs,
@@ -535,7 +592,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         header = status_header(run, state)
         width = max(len(label) for label, _ in header) + 2
         for label, value in header:
-            print(f"{label + ':':<{width}}{value}")
+            print(f"{label + ':':<{width}}{safe(value)}")
         print()
         if run.jobs:
             headers = ["CHUNK", "STATE", "ATTEMPT", "CALLS", "JOB ID", "HOST", "DURATION"]
@@ -543,8 +600,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(format_table(headers, [job_row(job) for job in run.jobs]))
         else:
             print("no jobs yet")
+        if run.problems:
+            print(f"\n{plural(len(run.problems), 'problem')} in the store:")
+            for problem in run.problems:
+                print(f"  {safe(problem)}")
     if engine_problem:
-        print(f"batchpool status: {engine_problem}", file=sys.stderr)
+        print(f"batchpool status: {safe(engine_problem)}", file=sys.stderr)
     return code
 
 
@@ -602,6 +663,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
+    # Logs are the jobs' own bytes, as they printed them, when they go to a file or a
+    # pipe; on a terminal their escape sequences are shown, not obeyed.
+    shown = printable if sys.stdout.isatty() else str
+    found = [(job, attempt, shown(text)) for job, attempt, text in found]
     if args.chunk is not None:
         for _, _, text in found:
             sys.stdout.write(text)
@@ -619,18 +684,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def signal_local_workers(run: RunView) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """SIGTERM to the worker of each Running job of this host whose process is still the
-    one its start marker names. Returns the signalled jobs and the skipped ones (why)."""
+    """SIGTERM to the worker of each Running job of this host that is, provably, the
+    local pool worker its (verified) start marker names: on this host and boot, started
+    when the marker says, and holding the worker token the marker records a digest of
+    (``processes.is_our_worker``). Returns the signalled jobs and the skipped ones (why)."""
     host = socket.gethostname()
     signalled: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for job in run.jobs:
         if job.state != "Running":
             continue
-        if job.host != host:
+        start = job.start
+        if job.host != host or start is None:
             why = f"it runs on {job.host or 'an unknown host'}, not on {host}"
-        elif same_process(job.pid, job.pid_started) is not True:
-            why = f"its worker process {job.pid} is gone (or is another process now)"
+        elif not is_our_worker(
+            start.host, start.pid, start.pid_started, start.boot_id, start.worker
+        ):
+            why = (
+                f"process {job.pid} is not the batchpool worker that started it (that worker "
+                "is gone, or the marker names another process)"
+            )
         else:
             try:
                 os.kill(int(job.pid or 0), signal.SIGTERM)
@@ -645,8 +718,8 @@ def signal_local_workers(run: RunView) -> tuple[list[dict[str, Any]], list[dict[
     return signalled, skipped
 
 
-def cancel_on_engine(engine: Engine, jobs: Sequence[JobView]) -> list[str]:
-    job_ids = [job.job_id for job in jobs if job.job_id]
+def cancel_on_engine(engine: Engine, run: RunView, jobs: Sequence[JobView]) -> list[str]:
+    job_ids = list(engine.usable_ids(run, jobs))
     if not job_ids:
         return []
     with rebuilt_backend(engine) as backend:
@@ -668,18 +741,37 @@ def user_name() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
+UNVERIFIED = (
+    "the run's secret is not on this machine, so its job ids and worker pids in the store "
+    f"cannot be trusted: set {SECRET_ENV} to the secret (the hex text in the client's secret "
+    "file) to cancel them from here"
+)
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = resolve_run(args.run, args.storage_options)
-    run = load_run(store)
-    request = {"requested": time.time(), "by": f"{user_name()}@{socket.gethostname()}"}
-    store.put_json(Store.CANCEL, request)
-    engine = engine_of(run)
+    store = resolve_run(args.run, args.storage_options, exact=True)
+    secret = run_secret(store)
+    # Job ids and worker pids are acted on only from documents that carry the run's
+    # signature: nobody who merely writes the store can name a job or a process.
+    run = load_run(store, secret)
+    request = CancelRequest(requested=time.time(), by=f"{user_name()}@{socket.gethostname()}")
+    store.put_document(Store.CANCEL, request, None)
+    engine = engine_of(run, args.backend_options)
     active = [job for job in run.jobs if job.state in ACTIVE_STATES]
     cancelled: list[str] = []
     signalled: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    if engine.queryable:
-        cancelled = cancel_on_engine(engine, [j for j in active if j.state != "Pending"])
+    if secret is None:
+        if engine.queryable:
+            skipped = [
+                {"chunk": j.chunk, "why": UNVERIFIED} for j in active if j.state != "Pending"
+            ]
+        elif engine.local:
+            skipped = [
+                {"chunk": j.chunk, "why": UNVERIFIED} for j in active if j.state == "Running"
+            ]
+    elif engine.queryable:
+        cancelled = cancel_on_engine(engine, run, [j for j in active if j.state != "Pending"])
     elif engine.local:
         signalled, skipped = signal_local_workers(run)
     handled = {job.chunk for job in active if job.job_id and job.job_id in cancelled}
@@ -688,12 +780,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     document = {
         "run": run.url,
         "cancel_marker": store.path(Store.CANCEL),
-        **request,
+        **to_builtins(request),
         "backend": engine.name,
+        "verified": run.verified,
         "cancelled_job_ids": cancelled,
         "signalled": signalled,
         "skipped": skipped,
         "left_to_client": left,
+        "problems": run.problems,
     }
     if args.json:
         print_json(document)
@@ -708,24 +802,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             pids = ", ".join(f"{s['pid']} (chunk {s['chunk']})" for s in signalled)
             print(f"sent SIGTERM to {plural(len(signalled), 'worker')}: {pids}")
         for skip in skipped:
-            print(f"did not signal chunk {skip['chunk']}: {skip['why']}")
+            print(f"did not stop chunk {skip['chunk']}: {safe(skip['why'])}")
         if left:
             print(
                 f"{plural(len(left), 'job')} not yet running: cancel.json tells the client "
                 "not to run them"
             )
+    for problem in run.problems:
+        print(f"batchpool cancel: {safe(problem)}", file=sys.stderr)
     return EXIT_OK if active else EXIT_TROUBLE
 
 
 # -- clean ------------------------------------------------------------------------------------
 
 
-def busy_reason(run: RunView) -> str | None:
+def busy_reason(run: RunView, options: Mapping[str, Any]) -> str | None:
     """Why deleting this run would pull the storage from under running work, if it would."""
     if run.state != "running":
         return None
     alive = client_alive(run)
-    engine_problem = refine_states(run, alive)
+    engine_problem = refine_states(run, alive, options)
     live = [job for job in run.jobs if job.state in ("Ready", "Running")]
     if live:
         why = f"it is running ({format_counts(run.counts())})"
@@ -735,19 +831,36 @@ def busy_reason(run: RunView) -> str | None:
     return None
 
 
+def not_a_run(run: RunView) -> str | None:
+    """Why a folder holding a manifest.json is not a batchpool run that ``clean`` may
+    delete, or None when it is one: its manifest has batchpool's format marker and
+    names the folder as its run, and the folder holds a run's layout and nothing else."""
+    if run.manifest is None:
+        return f"it is not a batchpool run ({run.problems[0] if run.problems else 'no manifest'})"
+    if run.manifest.run_id != run.folder:
+        return (
+            f"it is not a batchpool run: its manifest names run {run.manifest.run_id!r}, "
+            f"not its folder {run.folder!r}"
+        )
+    problem = run.store.layout_problem()
+    return None if problem is None else f"it is not a batchpool run: {problem}"
+
+
 @dataclass
 class CleanPlan:
-    """The runs to delete, those left alone (and why), and those whose deletion failed."""
+    """The runs to delete, those left alone (and why), those whose deletion failed, and
+    the folders that are not batchpool runs (never touched)."""
 
     delete: list[RunView] = field(default_factory=list)
     skipped: list[tuple[RunView, str]] = field(default_factory=list)
     failed: list[tuple[RunView, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def plan_clean(runs: Sequence[RunView], force: bool) -> CleanPlan:
+def plan_clean(runs: Sequence[RunView], force: bool, options: Mapping[str, Any]) -> CleanPlan:
     plan = CleanPlan()
     for run in runs:
-        reason = None if force else busy_reason(run)
+        reason = None if force else busy_reason(run, options)
         if reason:
             plan.skipped.append((run, f"{reason}; --force deletes it anyway"))
         else:
@@ -769,23 +882,47 @@ def delete_runs(plan: CleanPlan) -> None:
     plan.delete = deleted
 
 
-def old_runs(root: Store, older_than: float) -> tuple[list[RunView], list[tuple[RunView, str]]]:
-    """The runs under ``root`` created more than ``older_than`` seconds ago, and the runs
-    whose age is unknown."""
-    found, unknown = [], []
+def old_runs(root: Store, older_than: float) -> tuple[list[RunView], CleanPlan]:
+    """The runs under ``root`` created more than ``older_than`` seconds ago; in the plan,
+    the runs whose age is unknown (skipped) and the folders that are no runs (ignored)."""
+    found: list[RunView] = []
+    plan = CleanPlan()
     now = time.time()
     for store in runs_in(root):
         try:
             run = read_run(store)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"batchpool clean: skipped {store.url}: {exc}", file=sys.stderr)
+        except (OSError, ValueError, StorageError) as exc:
+            plan.ignored.append((store.url, f"it could not be read: {exc}"))
+            continue
+        why = not_a_run(run)
+        if why is not None:
+            plan.ignored.append((store.url, why))
             continue
         created = created_time(run)
         if created is None:
-            unknown.append((run, "its manifest does not say when it was created"))
+            plan.skipped.append((run, "its manifest does not say when it was created"))
         elif now - created > older_than:
             found.append(run)
-    return found, unknown
+    return found, plan
+
+
+def one_run(args: argparse.Namespace) -> RunView:
+    """The one run that ``clean RUN`` deletes: named exactly, and a batchpool run."""
+    store = open_root(args.target, args.storage_options)
+    if not store.exists(Store.MANIFEST):
+        if runs_in(store):
+            raise CommandError(
+                f"{args.target} is a folder of runs; give --older-than AGE ({AGE_FORMS}) "
+                "to delete the old ones, or the folder of one run"
+            )
+        store = resolve_run(args.target, args.storage_options, exact=True)
+    run = load_run(store)
+    why = not_a_run(run)
+    if why is not None:
+        raise CommandError(
+            f"{args.target} was left alone: {why}; clean deletes only batchpool runs"
+        )
+    return run
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -799,18 +936,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 f"{args.target} is a run, not a folder of runs; "
                 f"`batchpool clean {args.target}` (without --older-than) deletes it"
             )
-        candidates, unknown = old_runs(root, older_than)
+        candidates, found = old_runs(root, older_than)
     else:
-        store = open_root(args.target, args.storage_options)
-        if not store.exists(Store.MANIFEST) and runs_in(store):
-            raise CommandError(
-                f"{args.target} is a folder of runs; give --older-than AGE ({AGE_FORMS}) "
-                "to delete the old ones, or the folder of one run"
-            )
-        one = resolve_run(args.target, args.storage_options, unique=True)
-        candidates, unknown = [load_run(one)], []
-    plan = plan_clean(candidates, args.force)
-    plan.skipped.extend(unknown)
+        candidates, found = [one_run(args)], CleanPlan()
+    plan = plan_clean(candidates, args.force, args.backend_options)
+    plan.skipped.extend(found.skipped)
+    plan.ignored = found.ignored
     if not args.dry_run:
         delete_runs(plan)
     freed = sum(run.size_bytes for run in plan.delete)
@@ -825,6 +956,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 ],
                 "skipped": [{"run_id": r.run_id, "url": r.url, "why": w} for r, w in plan.skipped],
                 "failed": [{"run_id": r.run_id, "url": r.url, "error": e} for r, e in plan.failed],
+                "ignored": [{"url": url, "why": why} for url, why in plan.ignored],
                 "freed_bytes": freed,
             }
         )
@@ -833,9 +965,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
     for run in plan.delete:
         print(f"{verb} {run.url} ({format_bytes(run.size_bytes)}, created {format_created(run)})")
     for run, why in plan.skipped:
-        print(f"skipped {run.url}: {why}")
+        print(f"skipped {run.url}: {safe(why)}")
+    for url, why in plan.ignored:
+        print(f"left alone {safe(url)}: {safe(why)}")
     for run, error in plan.failed:
-        print(f"batchpool clean: could not delete {run.url}: {error}", file=sys.stderr)
+        print(f"batchpool clean: could not delete {run.url}: {safe(error)}", file=sys.stderr)
     if not plan.delete and not plan.skipped and not plan.failed:
         print(f"no run in {args.target} is older than {args.older_than}")
     elif plan.delete:
@@ -900,11 +1034,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("run", metavar="RUN", help="a run's folder or URL, or its name")
         return sub
 
+    def backend_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--backend-option",
+            dest="backend_option",
+            action="append",
+            default=[],
+            type=storage_option,
+            metavar="KEY=VALUE",
+            help="an option of the run's backend, made here to ask or cancel its jobs (e.g. "
+            "squeue=/opt/slurm/bin/squeue); the store names only which backend ran the run",
+        )
+
     runs = command("runs", "list the runs under a storage folder or URL")
     runs.add_argument("storage", metavar="STORAGE", help="the folder or URL that holds runs")
     runs.set_defaults(handler=cmd_runs)
 
     status = run_command("status", "a run's state and the table of its jobs")
+    backend_options(status)
     status.set_defaults(handler=cmd_status)
 
     logs = run_command("logs", "the captured stdout and stderr of a run's jobs")
@@ -917,6 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.set_defaults(handler=cmd_logs)
 
     cancel = run_command("cancel", "stop a run: ask its client to stop and cancel its jobs")
+    backend_options(cancel)
     cancel.set_defaults(handler=cmd_cancel)
 
     clean = command("clean", "delete old runs under STORAGE, or one RUN")
@@ -926,6 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument("--dry-run", action="store_true", help="say what would be deleted")
     clean.add_argument("--force", action="store_true", help="delete running runs too")
+    backend_options(clean)
     clean.set_defaults(handler=cmd_clean)
     return parser
 
@@ -935,15 +1084,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"batchpool {args.command}"
     try:
         args.storage_options = dict(args.storage_option)
+        args.backend_options = dict(getattr(args, "backend_option", []))
         return int(args.handler(args))
     except CommandError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {safe(str(exc))}", file=sys.stderr)
         return exc.code
     except StorageError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {safe(str(exc))}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except FileNotFoundError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {safe(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader of our output went away (`| head`)
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -954,7 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a storage library's own error, one line rather than a traceback
         print(
-            f"{prefix}: failed: {type(exc).__name__}: {' '.join(str(exc).split())}",
+            f"{prefix}: failed: {type(exc).__name__}: {safe(' '.join(str(exc).split()))}",
             file=sys.stderr,
         )
         return EXIT_UNREACHABLE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 
 class BatchPoolError(Exception):
@@ -63,3 +64,55 @@ class EnvironmentMismatchError(BatchPoolError):
 
 class BackendError(BatchPoolError):
     """A backend could not start, submit or query jobs."""
+
+
+class StorageError(BatchPoolError):
+    """A storage operation failed in a way that retrying does not mend.
+
+    ``transient`` is True when it kept failing in a way that passes (a network error)
+    until the retry deadline: later, the same operation may succeed. False for what
+    will not pass by itself: a full or read-only filesystem, a denied permission, a
+    missing bucket or run folder.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_storage_error, (str(self), self.transient))
+
+
+def _storage_error(message: str, transient: bool) -> StorageError:
+    return StorageError(message, transient=transient)
+
+
+#: The exit status of a worker that failed in a way no retry can mend (``is_fatal``):
+#: a backend that learns a job's exit status reports it in its ``JobEvent``, and the
+#: executor then fails the job's calls at once instead of running them again.
+FATAL_EXIT_CODE = 78  # EX_CONFIG in sysexits.h
+
+#: The errors that end a chunk at once, by the name a worker reports them with.
+_FATAL_TYPES: dict[str, type[BatchPoolError]] = {
+    "StorageError": StorageError,
+    "IntegrityError": IntegrityError,
+    "EnvironmentMismatchError": EnvironmentMismatchError,
+}
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a worker's own failure would happen again on a retry: its chunk refused
+    for its signature, a Python or serializer it cannot read, or a storage error that
+    does not pass (a full or read-only filesystem, a denied permission, a deleted run).
+    Retries are for jobs that died."""
+    if isinstance(exc, StorageError):
+        return not exc.transient
+    return isinstance(exc, (IntegrityError, EnvironmentMismatchError))
+
+
+def fatal_error(text: str) -> BatchPoolError:
+    """The error a worker reported as ``"<Type>: <message>"``, as its own type when it is
+    one of the fatal ones (a StorageError, IntegrityError, ...), else a BatchPoolError."""
+    type_name, sep, message = text.partition(": ")
+    cls = _FATAL_TYPES.get(type_name) if sep else None
+    return cls(message) if cls is not None else BatchPoolError(text)

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -20,28 +21,34 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from datetime import datetime, timezone
 from typing import Any
 
+from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
+from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError
 from batchpool.future import BatchPoolFuture
+from batchpool.processes import boot_id, orphan_grace, process_started
 from batchpool.progress import Progress
 from batchpool.recovery import (
     Reopened,
     adopt,
     call_key,
     check_client_gone,
+    create_run,
     earlier_outcomes,
     find_run,
     forget_secret,
     load_secret,
+    mark_reopened,
     reopen,
+    reopen_resumed,
+    run_folder,
     run_slug,
-    save_secret,
 )
-from batchpool.runs import Usage, process_started
+from batchpool.runs import Usage
 from batchpool.serialization import (
     SECRET_ENV,
     BlobRef,
@@ -256,72 +263,58 @@ class BatchPoolExecutor(cf.Executor):
         if cost_per_core_hour is not None and not cost_per_core_hour >= 0:
             raise ValueError(f"cost_per_core_hour={cost_per_core_hour!r} must be a number >= 0")
         versions = client_versions(self._serializer)
-        settings = {
-            "cpus_per_job": cpus,
-            "image": image,
-            "project": project,
-            "max_workers": max_workers,
-            "max_attempts": max_attempts,
-            "cleanup_bucket": cleanup_bucket,
-            "serializer": self._serializer.name,
-            "resume": resume,
-            "cost_per_core_hour": cost_per_core_hour,
-            "job_options": dataclasses.asdict(self._resources),
-        }
-        client = {
+        if resume and _reopened is None and not name:
+            if owns_backend:
+                backend.close()
+            raise ValueError("resume=True needs name=...: the run to resume is found by its name")
+        if resume:
+            self.cleanup_bucket = cleanup_bucket = False
+        settings = Settings(
+            cpus_per_job=cpus,
+            image=image,
+            project=project,
+            max_workers=max_workers,
+            max_attempts=max_attempts,
+            cleanup_bucket=cleanup_bucket,
+            serializer=self._serializer.name,  # type: ignore[arg-type]
+            resume=resume,
+            cost_per_core_hour=cost_per_core_hour,
+            job_options=documents.to_builtins(dataclasses.asdict(self._resources)),
+        )
+        client = ClientInfo(
             **versions,
-            "host": os.uname()[1],
-            "pid": os.getpid(),
-            "pid_started": process_started(os.getpid()),
-        }
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=process_started(os.getpid()),
+            boot_id=boot_id(),
+        )
         try:
-            if resume and _reopened is None:
-                if not name:
-                    raise ValueError(
-                        "resume=True needs name=...: the run to resume is found by its name"
-                    )
-                self.cleanup_bucket = cleanup_bucket = False
-                settings["cleanup_bucket"] = False
-                resumed = Store(fs, f"{root}/{run_slug(name)}")
-                if resumed.exists(resumed.MANIFEST):
-                    _reopened = reopen(resumed, load_secret(resumed.url))
+            if _reopened is None:
+                run_id = run_folder(name) if resume and name else _run_id(name)
+                store = Store(fs, f"{root}/{run_id}")
+                manifest = Manifest(
+                    format=FORMAT,
+                    run_id=run_id,
+                    name=name,
+                    created=datetime.now(timezone.utc).isoformat(),
+                    client=client,
+                    backend=documents.build(BackendInfo, backend.describe()),
+                    settings=settings,
+                )
+                made = create_run(store, manifest)
+                if made is not None:
+                    secret = made
+                elif resume and name:  # the run exists: continue it
+                    _reopened = reopen_resumed(store, name)
                     _check_same_serializer(_reopened, self._serializer.name)
                     _reopened.results, _reopened.failures = earlier_outcomes(
-                        resumed, _reopened.secret, _reopened.view
+                        store, _reopened.secret, _reopened.view
                     )
+                else:
+                    raise BatchPoolError(f"a run already exists at {store.url}")
             if _reopened is not None:
                 store, secret = _reopened.store, _reopened.secret
-                manifest = dict(_reopened.view.manifest)
-                manifest["client"] = client
-                manifest["backend"] = backend.describe()
-                manifest.setdefault("sessions", []).append(
-                    {
-                        "opened": datetime.now(timezone.utc).isoformat(),
-                        "how": _reopened.how,
-                    }
-                )
-                store.put_json(store.MANIFEST, manifest)
-                # The journal says the run is open again (an earlier session closed it).
-                store.put_json(store.journal_key(_reopened.next_journal), {"opened": time.time()})
-                _reopened.next_journal += 1
-            else:
-                run_id = run_slug(name) if resume else _run_id(name)
-                store = Store(fs, f"{root}/{run_id}")
-                secret = secrets.token_bytes(32)
-                store.create()
-                store.put_json(
-                    store.MANIFEST,
-                    {
-                        "format": 1,
-                        "name": name,
-                        "run_id": run_id,
-                        "created": datetime.now(timezone.utc).isoformat(),
-                        "client": client,
-                        "backend": backend.describe(),
-                        "settings": settings,
-                    },
-                )
-                save_secret(store.url, secret)
+                mark_reopened(_reopened, client, backend.describe())
         except Exception:
             if owns_backend:
                 backend.close()
@@ -426,38 +419,43 @@ class BatchPoolExecutor(cf.Executor):
         """
         fs, root = open_storage(storage, storage_options)
         store = find_run(fs, root, name) if name else Store(fs, root)
+        # Everything below is read from documents that carry the run's signature.
         reopened = reopen(store, load_secret(store.url, secret))
         reopened.how = "attach"
-        manifest = reopened.view.manifest
+        manifest = reopened.manifest
         check_client_gone(reopened.view, force)
-        settings = manifest.get("settings") or {}
-        job_options = dict(settings.get("job_options") or {})
-        cpus = job_options.pop("cpus", settings.get("cpus_per_job"))
-        image = job_options.pop("image", settings.get("image"))
-        if isinstance(job_options.get("env"), list):
-            job_options["env"] = dict(job_options["env"])
+        settings = manifest.settings
+        job_options = dict(settings.job_options)
+        cpus = job_options.pop("cpus", settings.cpus_per_job)
+        image = job_options.pop("image", settings.image)
         kwargs: dict[str, Any] = {
-            "name": manifest.get("name"),
+            "name": manifest.name,
             "cpus_per_job": cpus,
             "image": image,
-            "project": settings.get("project"),
-            "serializer": settings.get("serializer", "cloudpickle"),
-            "max_attempts": settings.get("max_attempts", 3),
-            "cleanup_bucket": settings.get("cleanup_bucket", False),
-            "cost_per_core_hour": settings.get("cost_per_core_hour"),
+            "project": settings.project,
+            "serializer": settings.serializer,
+            "max_attempts": settings.max_attempts,
+            "cleanup_bucket": settings.cleanup_bucket,
+            "cost_per_core_hour": settings.cost_per_core_hour,
             "job_options": job_options,
-            "max_workers": settings.get("max_workers"),
+            "max_workers": settings.max_workers,
         }
         kwargs.update(options)
+        try:
+            resources = Resources(cpus=_parse_cpus(kwargs["cpus_per_job"] or 1), image=image)
+            resources = resources.replace(**kwargs["job_options"])
+        except (TypeError, ValueError) as exc:
+            raise BatchPoolError(
+                f"the job options recorded in the manifest of run {manifest.run_id} are not "
+                f"usable here ({exc}); pass job_options= to attach"
+            ) from exc
         made_here = not isinstance(backend, Backend)
         if backend is None:
-            backend = _backend_from_manifest(manifest)
+            backend = _backend_from_manifest(manifest, kwargs["max_workers"])
         elif isinstance(backend, str):
             backend = make_backend(backend)
-        resources = Resources(cpus=_parse_cpus(kwargs["cpus_per_job"] or 1), image=image)
-        resources = resources.replace(**kwargs["job_options"])
-        adopt(reopened, backend, resources)
         try:
+            adopt(reopened, backend, resources, orphan_grace())
             executor = cls(backend=backend, storage=(fs, root), _reopened=reopened, **kwargs)
         except BaseException:
             if made_here:
@@ -855,30 +853,24 @@ def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
         del future
 
 
-def _backend_from_manifest(manifest: dict[str, Any]) -> Backend:
-    """A backend like the one that ran a run, rebuilt from what its manifest recorded."""
-    recorded = manifest.get("backend")
-    if not isinstance(recorded, dict) or not recorded.get("name"):
-        raise BatchPoolError(
-            f"the manifest of run {manifest.get('run_id')} does not say which backend it "
-            f"used ({recorded!r}); pass backend= to attach"
-        )
-    name = recorded["name"]
+def _backend_from_manifest(manifest: Manifest, max_workers: int | None) -> Backend:
+    """A backend like the one that ran a run, rebuilt from what its (signed) manifest
+    recorded, in this process's own environment: a manifest names no commands and sets
+    no environment variables."""
+    name = manifest.backend.name
     if name == "local":
-        workers = (manifest.get("settings") or {}).get("max_workers")
-        return LocalBackend(workers)
-    os.environ.update(recorded.get("environment") or {})
+        return LocalBackend(max_workers)
     try:
-        return make_backend(name, **(recorded.get("options") or {}))
+        return make_backend(name, **manifest.backend.options)
     except Exception as exc:
         raise BatchPoolError(
-            f"could not rebuild the {name!r} backend of run {manifest.get('run_id')} from its "
+            f"could not rebuild the {name!r} backend of run {manifest.run_id} from its "
             f"manifest ({type(exc).__name__}: {exc}); pass backend= to attach"
         ) from exc
 
 
 def _check_same_serializer(reopened: Reopened, serializer: str) -> None:
-    used = (reopened.view.manifest.get("settings") or {}).get("serializer", "cloudpickle")
+    used = reopened.manifest.settings.serializer
     if used != serializer:
         raise ValueError(
             f"the run at {reopened.store.url} was made with serializer={used!r}; resume it "

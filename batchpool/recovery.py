@@ -18,20 +18,28 @@ own runs; from another machine, pass it (``secret=`` or ``BATCHPOOL_RUN_SECRET``
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import secrets
 import socket
+import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+from batchpool import documents
 from batchpool.backends.base import Backend, Resources
-from batchpool.errors import BatchPoolError
+from batchpool.documents import ClientInfo, JournalEntry, Manifest
+from batchpool.errors import BatchPoolError, IntegrityError, StorageError
 from batchpool.future import BatchPoolFuture, JobRecord
-from batchpool.runs import JobView, RunView, find_runs, process_started, read_run
+from batchpool.processes import process_started
+from batchpool.runs import JobView, RunView, find_runs, read_run
 from batchpool.serialization import (
     ERROR,
     OK,
@@ -43,6 +51,12 @@ from batchpool.serialization import (
 from batchpool.store import Store
 from batchpool.watcher import Adopted, Chunk
 
+log = logging.getLogger("batchpool")
+
+#: How long a resume=True session that lost the race to create its run waits for the
+#: winner's secret to appear in this user's secret file (seconds).
+RESUME_SECRET_WAIT = 10.0
+
 # -- the run secret, kept by the client ---------------------------------------------------------
 
 
@@ -52,10 +66,30 @@ def secret_file(run_url: str) -> Path:
     return Path(platformdirs.user_data_dir("batchpool")) / "run-secrets" / digest
 
 
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (mode 0700), or check that it is this user's and nobody else's."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise BatchPoolError(
+            f"the folder of run secrets {folder} must be a folder of this user's with mode "
+            f"0700 (it is {stat.filemode(info.st_mode)}, owner uid {info.st_uid}); "
+            f"`chmod 700 {folder}` if it is yours, or remove it"
+        )
+
+
 def save_secret(run_url: str, secret: bytes) -> Path:
+    """Keep the secret of a run this client has just created: a new file, mode 0600,
+    created exclusively (a file left there by a deleted run at the same URL, or a
+    link someone put there, is removed first, never written through)."""
     path = secret_file(run_url)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _private_folder(path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        path.unlink()  # stale: the run at this URL is new, as create_new just told
+        fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
     return path
@@ -68,21 +102,44 @@ def forget_secret(run_url: str) -> None:
         pass
 
 
-def load_secret(run_url: str, given: str | bytes | None = None) -> bytes:
+def _read_secret_file(path: Path) -> str:
+    """The hex text of a secret file, refused unless it is this user's and private."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise BatchPoolError(
+                f"the run secret file {path} is not private: it is "
+                f"{stat.filemode(info.st_mode)} and owned by uid {info.st_uid}, and must be "
+                f"a file of this user's (uid {os.geteuid()}) that only it can read. Anyone "
+                "who read it can sign objects of the run; `chmod 600` it if it is yours and "
+                "you trust its content, or delete it"
+            )
+        return f.read().strip()
+
+
+def load_secret(run_url: str, given: str | bytes | None = None, *, required: bool = True) -> bytes:
     """The run's secret: ``given`` (hex text or bytes), else ``BATCHPOOL_RUN_SECRET``,
-    else the file this client saved when it created the run."""
+    else the file this client saved when it created the run. Without ``required``,
+    None when none is known (a file of the wrong mode or owner is refused either way)."""
     if isinstance(given, bytes):
         return given
     text = given or os.environ.get(SECRET_ENV)
     if not text:
         try:
-            text = secret_file(run_url).read_text().strip()
-        except FileNotFoundError:
+            text = _read_secret_file(secret_file(run_url))
+        except (FileNotFoundError, NotADirectoryError):
+            if not required:
+                return None  # type: ignore[return-value]
             raise BatchPoolError(
                 f"the secret of the run at {run_url} is not on this machine "
                 f"(looked in {secret_file(run_url)}): it stays with the client that created "
                 "the run. Pass secret= (the hex text in that file on the client's machine) "
                 f"or set {SECRET_ENV}"
+            ) from None
+        except OSError as exc:  # a link (O_NOFOLLOW), or unreadable
+            raise BatchPoolError(
+                f"the run secret file {secret_file(run_url)} cannot be read safely: {exc}"
             ) from None
     try:
         return bytes.fromhex(text)
@@ -90,6 +147,12 @@ def load_secret(run_url: str, given: str | bytes | None = None) -> bytes:
         raise BatchPoolError(
             f"the run secret given for {run_url} is not hex text (64 hex digits)"
         ) from None
+
+
+def find_secret(run_url: str) -> bytes | None:
+    """``load_secret`` for tools that work without the secret too: None when none is known."""
+    secret: bytes | None = load_secret(run_url, required=False)
+    return secret
 
 
 # -- finding the run ----------------------------------------------------------------------------
@@ -100,18 +163,32 @@ def run_slug(name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "run").strip("-.")[:64] or "run"
 
 
+def run_folder(name: str) -> str:
+    """The folder of the ``resume=True`` run called ``name``: the name itself when it is
+    safe in paths, else its slug and a digest of the exact name, so that two names
+    never share a folder (``exp 1`` and ``exp?1``, ``データ`` and ``模型``)."""
+    slug = run_slug(name)
+    if slug == name:
+        return slug
+    return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
 def find_run(fs: Any, root: str, name: str) -> Store:
     """The run called ``name`` under ``root``: the folder ``root/name`` when it is a run
-    (a run id, or a ``resume=True`` run), else the newest run created with that name."""
+    (a run id), else the newest run whose manifest records exactly that name."""
     exact = Store(fs, f"{root}/{name}")
-    if exact.exists(Store.MANIFEST):
+    if "/" not in name and exact.exists(Store.MANIFEST):
         return exact
     slug = run_slug(name)
-    named = [
-        run
-        for run in find_runs((fs, root))  # in folder order: a name's runs oldest first
-        if (run_id := run.root.rsplit("/", 1)[-1]) == slug or run_id.startswith(f"{slug}-")
-    ]
+    named = []
+    for run in find_runs((fs, root)):  # in folder order: a name's runs oldest first
+        if not run.root.rsplit("/", 1)[-1].startswith(slug):
+            continue
+        try:
+            if run.get_document(Manifest, Store.MANIFEST).name == name:
+                named.append(run)
+        except (FileNotFoundError, ValueError):
+            continue  # not a readable run: not the one
     if named:
         return named[-1]
     url = Store(fs, root).url
@@ -121,27 +198,99 @@ def find_run(fs: Any, root: str, name: str) -> Store:
     )
 
 
-def next_sequences(view: RunView) -> tuple[int, int]:
-    """The sequence numbers of the next chunk and the next journal entry of a run."""
-    chunk = max((int(job.chunk.split("-", 1)[0]) for job in view.jobs), default=-1) + 1
-    return chunk, view.journal_entries
+def next_chunk_sequence(view: RunView) -> int:
+    """The sequence number of the next chunk of a run."""
+    return max((int(job.chunk.split("-", 1)[0]) for job in view.jobs), default=-1) + 1
 
 
-def check_client_gone(view: RunView, force: bool) -> None:
-    """Refuse to attach while the run's client still uses it on this machine."""
-    manifest = view.manifest
-    client = manifest.get("client") or {}
-    pid, started = client.get("pid"), client.get("pid_started")
+def check_client_gone(view: RunView, force: bool, how: str = "attach") -> None:
+    """Refuse to reopen a run while a client still uses it on this machine."""
+    assert view.manifest is not None
+    client = view.manifest.client
     if force or view.closed is not None:  # it shut down: nothing runs twice
         return
-    if client.get("host") != socket.gethostname() or not pid or started is None:
+    if client.host != socket.gethostname() or not client.pid or client.pid_started is None:
         return
-    if process_started(int(pid)) == started:
+    if process_started(client.pid) != client.pid_started:
+        return
+    if how == "resume":
         raise BatchPoolError(
-            f"the client of run {manifest.get('run_id')} still runs here (pid {pid}); two "
-            "clients would run its jobs twice. Stop it first, or pass force=True if it no "
-            "longer uses the run"
+            f"the run {view.run_id} is open in another session (pid {client.pid} on this "
+            "machine): two sessions of one run would run its calls twice and overwrite each "
+            "other's journal. Wait for it to shut down, or give this session another name"
         )
+    raise BatchPoolError(
+        f"the client of run {view.run_id} still runs here (pid {client.pid}); two "
+        "clients would run its jobs twice. Stop it first, or pass force=True if it no "
+        "longer uses the run"
+    )
+
+
+# -- creating and reopening a run ---------------------------------------------------------------
+
+
+def create_run(store: Store, manifest: Manifest) -> bytes | None:
+    """Create a run at ``store``, exclusively: its folders, its manifest (signed with a
+    new secret) and this user's copy of the secret. The secret; None when a run is
+    there already (made earlier, or a moment ago by another session)."""
+    secret = secrets.token_bytes(32)
+    store.create()
+    if not store.create_new(store.MANIFEST, documents.encode(manifest, store.MANIFEST, secret)):
+        return None
+    save_secret(store.url, secret)
+    return secret
+
+
+def reopen_resumed(store: Store, name: str) -> Reopened:
+    """The run a ``resume=True`` session continues. When another session of this user
+    created it a moment ago, its secret may not be in the secret file yet: waited for
+    up to ``RESUME_SECRET_WAIT`` seconds."""
+    deadline = time.monotonic() + RESUME_SECRET_WAIT
+    while True:
+        try:
+            reopened = reopen(store, load_secret(store.url))
+            break
+        except BatchPoolError:
+            if time.monotonic() >= deadline or not _just_created(store):
+                raise
+            time.sleep(0.05)
+    if reopened.manifest.name != name:
+        raise BatchPoolError(
+            f"the folder {store.url} holds the run named {reopened.manifest.name!r}, not "
+            f"{name!r}; give this run another name"
+        )
+    reopened.how = "resume"
+    check_client_gone(reopened.view, force=False, how="resume")
+    return reopened
+
+
+def _just_created(store: Store) -> bool:
+    """Whether the run at ``store`` says it was created in the last minute (unverified:
+    it decides only whether to wait for its secret)."""
+    try:
+        created = datetime.fromisoformat(store.get_document(Manifest, store.MANIFEST).created)
+    except (OSError, ValueError, StorageError):
+        return False
+    return abs(time.time() - created.timestamp()) < 60
+
+
+def mark_reopened(reopened: Reopened, client: ClientInfo, backend: dict[str, Any]) -> None:
+    """Record in the run that a new session took it over: the manifest names the new
+    client and backend and lists the session, and the journal says the run is open."""
+    store, secret = reopened.store, reopened.secret
+    session = {"opened": datetime.now(timezone.utc).isoformat(), "how": reopened.how}
+    sessions = [*documents.to_builtins(reopened.manifest).get("sessions", []), session]
+    manifest = documents.replace(
+        reopened.manifest,
+        client=documents.to_builtins(client),
+        backend=backend,
+        sessions=sessions,
+    )
+    store.put_document(store.MANIFEST, manifest, secret)
+    # The journal says the run is open again (an earlier session closed it).
+    entry = documents.build(JournalEntry, {"time": time.time(), "opened": time.time()})
+    store.put_document(store.journal_key(reopened.next_journal), entry, secret)
+    reopened.next_journal += 1
 
 
 # -- resume: results by call content ------------------------------------------------------------
@@ -156,19 +305,24 @@ def earlier_outcomes(
     store: Store, secret: bytes, view: RunView
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """``{call key: pickled result}`` of every call of the run that returned a value, and
-    ``{call key: chunk id}`` of those that raised (and did not return elsewhere)."""
+    ``{call key: chunk id}`` of those that raised (and did not return elsewhere). A chunk
+    or outcome without the run's signature is not used: its calls run again."""
     found: dict[str, bytes] = {}
     failed: dict[str, str] = {}
     for job in view.jobs:
         if not job.has_result:
             continue
         chunk_key = store.chunk_key(job.chunk)
-        header, _groups = decode_chunk(unseal(secret, chunk_key, store.get(chunk_key)))
-        keys = header.get("keys") or []
-        if not any(keys):
-            continue
         result_key = store.result_key(job.chunk, job.attempt)
-        _meta, entries = decode_outcome(unseal(secret, result_key, store.get(result_key)))
+        try:
+            header, _groups = decode_chunk(unseal(secret, chunk_key, store.get(chunk_key)))
+            keys = header.get("keys") or []
+            if not any(keys):
+                continue
+            _meta, entries = decode_outcome(unseal(secret, result_key, store.get(result_key)))
+        except (FileNotFoundError, IntegrityError) as exc:
+            log.warning("batchpool: the results of chunk %s are not reused: %s", job.chunk, exc)
+            continue
         for key, entry in zip(keys, entries, strict=False):
             if key and entry[0] == OK:
                 found[key] = entry[1]
@@ -195,10 +349,16 @@ class Reopened:
     failures: dict[str, str] = field(default_factory=dict)  # resume: call key -> chunk id
     how: str = "resume"  # or "attach"
 
+    @property
+    def manifest(self) -> Manifest:
+        assert self.view.manifest is not None  # reopen() refuses a run without one
+        return self.view.manifest
 
-def adopt(reopened: Reopened, backend: Backend, resources: Resources) -> None:
+
+def adopt(reopened: Reopened, backend: Backend, resources: Resources, orphan_grace: float) -> None:
     """Futures for every call in the run, in submission order, and how the executor
-    takes over each chunk (see ``Watcher._adopt``)."""
+    takes over each chunk (see ``Watcher._adopt``). A worker of this machine that still
+    runs a chunk is waited for ``orphan_grace`` seconds at most."""
     store, secret = reopened.store, reopened.secret
     here = socket.gethostname()
     for job in reopened.view.jobs:
@@ -207,6 +367,10 @@ def adopt(reopened: Reopened, backend: Backend, resources: Resources) -> None:
             header, groups = decode_chunk(unseal(secret, chunk_key, store.get(chunk_key)))
         except FileNotFoundError:
             continue  # markers without an input: nothing to run
+        except IntegrityError as exc:
+            # Its calls cannot be known, so they cannot become futures: say so loudly.
+            log.error("batchpool: chunk %s of %s is not taken over: %s", job.chunk, store.url, exc)
+            continue
         chunk = Chunk(job.chunk, [], list(header.get("labels") or []), resources)
         chunk.record = JobRecord(store, job.chunk, attempt=job.attempt, job_ids=list(job.job_ids))
         chunk.attempt = job.attempt
@@ -222,10 +386,10 @@ def adopt(reopened: Reopened, backend: Backend, resources: Resources) -> None:
                 future._start()
                 future._job = chunk.record
                 chunk.futures.append(future)
-        reopened.adopted.append(_how(job, chunk, backend, here))
+        reopened.adopted.append(_how(job, chunk, backend, here, orphan_grace))
 
 
-def _how(job: JobView, chunk: Chunk, backend: Backend, here: str) -> Adopted:
+def _how(job: JobView, chunk: Chunk, backend: Backend, here: str, grace: float) -> Adopted:
     if job.has_result:
         return Adopted(chunk, "done")
     if job.state in ("Error", "Cancelled") and job.reason is not None:
@@ -236,8 +400,13 @@ def _how(job: JobView, chunk: Chunk, backend: Backend, here: str) -> Adopted:
     start = job.starts.get(job.attempt)
     if start is None:  # never started: it died queued with its client
         return Adopted(chunk, "new")
-    if start.get("host") == here and start.get("pid"):
-        return Adopted(chunk, "orphan", int(start["pid"]), start.get("pid_started"))
+    if start.host == here:
+        # A worker of this machine: waited for while it is, provably, the pool worker
+        # that wrote this (signed) marker, at most ``grace`` seconds; then its result
+        # is read, or the chunk runs again.
+        chunk.worker = start
+        chunk.orphan_deadline = time.monotonic() + grace
+        return Adopted(chunk, "orphan")
     # Started on another machine by an engine whose jobs die with the client: it is
     # gone or unreachable; run it again as a new attempt.
     chunk.attempt += 1
@@ -245,14 +414,15 @@ def _how(job: JobView, chunk: Chunk, backend: Backend, here: str) -> Adopted:
 
 
 def reopen(store: Store, secret: bytes) -> Reopened:
-    view = read_run(store)
-    # The secret must be right before anything else is trusted: check one signed object.
-    for job in view.jobs:
-        key = store.chunk_key(job.chunk)
-        try:
-            unseal(secret, key, store.get(key))
-        except FileNotFoundError:
-            continue
-        break
-    next_chunk, next_journal = next_sequences(view)
-    return Reopened(store, secret, view, next_chunk, next_journal)
+    """Read a run to continue it: only what carries the run's signature is used."""
+    view = read_run(store, secret)
+    if view.manifest is None:
+        why = view.problems[0] if view.problems else "its manifest.json cannot be read"
+        raise IntegrityError(
+            f"cannot reopen the run at {store.url}: {why}. Either the secret is not this "
+            "run's, or the manifest was changed by someone without it: a run is continued "
+            "only from a manifest it signed itself"
+        )
+    for problem in view.problems:
+        log.warning("batchpool: reopening %s: %s", store.url, problem)
+    return Reopened(store, secret, view, next_chunk_sequence(view), view.next_journal)

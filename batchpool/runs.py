@@ -20,13 +20,24 @@ A job (one chunk, over its attempts) is in one of Hail Batch's states
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchpool.documents import (
+    BackendInfo,
+    CancelRequest,
+    DocumentError,
+    EndMarker,
+    GivenUp,
+    JournalEntry,
+    Manifest,
+    StartMarker,
+    decode,
+    describe_problem,
+)
 from batchpool.future import FINAL_STATES, JOB_STATES
 from batchpool.store import Store, open_storage
 
@@ -37,25 +48,8 @@ __all__ = [
     "Usage",
     "find_runs",
     "open_run",
-    "process_started",
     "read_run",
 ]
-
-
-def process_started(pid: int) -> float | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux), to tell a live
-    process from a later one that reuses its pid; None where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces: split after its ")". Then field 3
-    # is the state (a zombie has ended, whoever reaps it) and field 22 the start time.
-    fields = stat_line.rsplit(b")", 1)[1].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return float(fields[19])
 
 
 # -- usage ------------------------------------------------------------------------------------
@@ -77,14 +71,21 @@ class Usage:
     peak_memory_bytes: int = 0
     cost_per_core_hour: float | None = None
 
-    def add(self, end: Mapping[str, Any], cpus: float = 1.0) -> None:
-        """Count one job's end marker (or outcome meta)."""
-        wall = float(end.get("wall_seconds") or 0.0)
+    def add(self, end: EndMarker | Mapping[str, Any], cpus: float = 1.0) -> None:
+        """Count one job's end marker (or the meta of its outcome)."""
+        if isinstance(end, EndMarker):
+            wall, cpu, peak = end.wall_seconds, end.cpu_seconds, end.peak_memory_bytes
+        else:
+            wall, cpu, peak = (
+                end.get("wall_seconds"),
+                end.get("cpu_seconds"),
+                end.get("peak_memory_bytes"),
+            )
         self.jobs += 1
-        self.wall_seconds += wall
-        self.cpu_seconds += float(end.get("cpu_seconds") or 0.0)
-        self.core_seconds += wall * cpus
-        self.peak_memory_bytes = max(self.peak_memory_bytes, int(end.get("peak_memory_bytes") or 0))
+        self.wall_seconds += float(wall or 0.0)
+        self.cpu_seconds += float(cpu or 0.0)
+        self.core_seconds += float(wall or 0.0) * cpus
+        self.peak_memory_bytes = max(self.peak_memory_bytes, int(peak or 0))
 
     @property
     def core_hours(self) -> float:
@@ -161,13 +162,18 @@ class JobView:
     #: A later session of the run (``resume=True``) submitted its failed calls again.
     rerun: bool = False
     #: attempts whose worker started: {attempt: start marker}
-    starts: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
-    ends: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    starts: dict[int, StartMarker] = field(default_factory=dict, repr=False)
+    ends: dict[int, EndMarker] = field(default_factory=dict, repr=False)
     logs: list[int] = field(default_factory=list, repr=False)
 
     @property
     def job_id(self) -> str | None:
         return self.job_ids[-1] if self.job_ids else None
+
+    @property
+    def start(self) -> StartMarker | None:
+        """The start marker of the newest attempt, if its worker wrote one."""
+        return self.starts.get(self.attempt)
 
     @property
     def duration(self) -> float | None:
@@ -201,39 +207,56 @@ class JobView:
 
 @dataclass
 class RunView:
-    """A run as its store tells it, at the moment it was read."""
+    """A run as its store tells it, at the moment it was read.
+
+    ``verified`` says whether the run secret was used to read it: then every document
+    here carries the run's signature, and those that did not are left out and named
+    in ``problems``. Without the secret, the documents are what the store holds,
+    checked against their schemas only: good to show, never to act on.
+    """
 
     store: Store
-    manifest: dict[str, Any]
+    #: None when manifest.json is damaged, forged, or of another format (see problems).
+    manifest: Manifest | None
     jobs: list[JobView]
+    verified: bool = False
     #: When the client closed the run (``shutdown``), None while open or if it died.
     closed: float | None = None
-    cancel_request: dict[str, Any] | None = None
+    cancel_request: CancelRequest | None = None
     size_bytes: int = 0
-    journal_entries: int = 0
+    #: The sequence number of the next journal entry.
+    next_journal: int = 0
+    #: What could not be read: objects not in their schema, unsigned or forged
+    #: documents (when verified), files that are not part of a run's layout.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return self.store.url
 
     @property
+    def folder(self) -> str:
+        return self.store.root.rsplit("/", 1)[-1]
+
+    @property
     def run_id(self) -> str:
-        return str(self.manifest.get("run_id") or self.store.root.rsplit("/", 1)[-1])
+        return self.manifest.run_id if self.manifest is not None else self.folder
 
     @property
     def name(self) -> str | None:
-        return self.manifest.get("name")
+        return self.manifest.name if self.manifest is not None else None
 
     @property
     def created(self) -> str | None:
-        return self.manifest.get("created")
+        return self.manifest.created if self.manifest is not None else None
 
     @property
-    def backend(self) -> dict[str, Any]:
-        backend = self.manifest.get("backend")
-        if isinstance(backend, str):  # manifests from before the backend's options were kept
-            return {"name": backend, "options": {}}
-        return dict(backend or {})
+    def backend(self) -> BackendInfo | None:
+        return self.manifest.backend if self.manifest is not None else None
+
+    @property
+    def backend_name(self) -> str | None:
+        return self.manifest.backend.name if self.manifest is not None else None
 
     def counts(self) -> dict[str, int]:
         """Jobs by state, in ``JOB_STATES`` order, states with no job left out."""
@@ -248,7 +271,7 @@ class RunView:
             calls = job.calls or 0
             if job.state == "Failed":
                 found["Failed"] += 0 if job.rerun else job.failed_calls
-                found["Success"] += calls - job.failed_calls
+                found["Success"] += max(0, calls - job.failed_calls)
             else:
                 found[job.state] += calls
         return {state: found[state] for state in JOB_STATES if found[state]}
@@ -264,7 +287,10 @@ class RunView:
 
     @property
     def state(self) -> str:
-        """``running``, ``closed`` (the client shut down), or ``finished`` (no job left)."""
+        """``broken`` (no readable manifest), ``running``, ``closed`` (the client shut
+        down), or ``finished`` (no job left)."""
+        if self.manifest is None:
+            return "broken"
         if self.closed is not None:
             return "closed"
         if self.jobs and self.finished:
@@ -273,12 +299,12 @@ class RunView:
 
     def usage(self, cost_per_core_hour: float | None = None) -> Usage:
         price = cost_per_core_hour
-        if price is None:
-            price = (self.manifest.get("settings") or {}).get("cost_per_core_hour")
+        if price is None and self.manifest is not None:
+            price = self.manifest.settings.cost_per_core_hour
         usage = Usage(cost_per_core_hour=price)
         for job in self.jobs:
             for end in job.ends.values():
-                if "wall_seconds" in end:
+                if end.wall_seconds is not None:
                     usage.add(end, job.cpus)
         return usage
 
@@ -307,27 +333,26 @@ class RunView:
         return "".join(parts)
 
 
-def _get_many(store: Store, keys: Iterable[str]) -> dict[str, Any]:
-    """The JSON objects at ``keys`` (missing or unreadable ones left out)."""
-    found: dict[str, Any] = {}
-    for key, data in store.get_many(list(keys)).items():
-        try:
-            found[key] = json.loads(data)
-        except ValueError:
-            continue
-    return found
-
-
-def read_run(store: Store) -> RunView:
+def read_run(store: Store, secret: bytes | None = None) -> RunView:
     """Read a run's manifest, journal and markers: a handful of listings, then one
-    batched read of the JSON objects (concurrent on object stores)."""
+    batched read of the JSON documents (concurrent on object stores).
+
+    With ``secret``, documents that do not carry the run's signature are left out
+    (and named in ``problems``); without it, they are checked against their schemas
+    only. Objects that are not part of a run's layout are skipped and named too.
+    FileNotFoundError when the folder holds no manifest.json at all.
+    """
+    problems: list[str] = []
     try:
-        manifest = store.get_json(store.MANIFEST)
+        manifest: Manifest | None = store.get_document(Manifest, store.MANIFEST, secret)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{store.url} is not a batchpool run: it has no {store.MANIFEST}; "
             "give the folder of one run (`batchpool runs STORAGE` lists them)"
         ) from None
+    except DocumentError as exc:
+        manifest = None
+        problems.append(describe_problem(exc))
     listed: dict[str, int] = {}
     for folder in ("chunks", "results", "logs", "events", "jobs", "blobs"):
         listed.update(store.list(folder))
@@ -339,12 +364,27 @@ def read_run(store: Store) -> RunView:
         return jobs[chunk]
 
     results: set[tuple[str, int]] = set()
-    marker_keys = []
+    marker_keys: list[tuple[str, str, int]] = []
+    journal_keys: list[tuple[int, str]] = []
+    stray: list[str] = []
     for key in listed:
         folder = key.partition("/")[0]
-        if folder in ("blobs", "jobs"):
+        if folder == "blobs":
+            if not Store.is_blob_key(key):
+                stray.append(key)
             continue
-        folder, chunk, attempt = store.parse_key(key)
+        if folder == "jobs":
+            seq = Store.journal_seq(key)
+            if seq is None:
+                stray.append(key)
+            else:
+                journal_keys.append((seq, key))
+            continue
+        parsed = store.parse_key(key)
+        if parsed is None:
+            stray.append(key)
+            continue
+        folder, chunk, attempt = parsed
         view = job(chunk)
         if folder == "results":
             results.add((chunk, attempt))
@@ -352,43 +392,67 @@ def read_run(store: Store) -> RunView:
         elif folder == "logs":
             view.logs.append(attempt)
         elif folder == "events":
-            marker_keys.append(key)
-            view.attempt = max(view.attempt, attempt)
-    journal_keys = sorted(key for key in listed if key.startswith("jobs/"))
-    objects = _get_many(store, [*journal_keys, *marker_keys])
+            marker_keys.append((key, chunk, attempt))
+    if stray:
+        shown = ", ".join(sorted(stray)[:5]) + (" ..." if len(stray) > 5 else "")
+        problems.append(
+            f"{len(stray)} object{'s' if len(stray) != 1 else ''} that are not part of a run's "
+            f"layout (skipped): {shown}"
+        )
+    journal_keys.sort()
+    data = store.get_many([key for _, key in journal_keys] + [key for key, _, _ in marker_keys])
     try:
-        cancel_request = store.get_json(store.CANCEL)
-    except (FileNotFoundError, ValueError):
+        cancel_request = store.get_document(CancelRequest, store.CANCEL)
+    except FileNotFoundError:
         cancel_request = None
+    except DocumentError as exc:
+        cancel_request = None
+        problems.append(describe_problem(exc))
+
+    def document(kind: type[Any], key: str) -> Any:
+        if key not in data:
+            return None  # deleted since it was listed
+        try:
+            return decode(kind, key, data[key], secret)
+        except DocumentError as exc:
+            problems.append(describe_problem(exc))
+            return None
 
     closed = None
-    final: dict[str, dict[str, Any]] = {}
+    final: dict[str, GivenUp] = {}
     rerun: set[str] = set()
-    for key in journal_keys:
-        entry = objects.get(key) or {}
-        for handed in entry.get("handed", ()):
-            view = job(handed["chunk"])
-            view.attempt = max(view.attempt, int(handed.get("attempt", 1)))
-            view.job_ids.append(str(handed.get("job_id", "")))
-            view.calls = handed.get("calls", view.calls)
-            view.labels = handed.get("labels") or view.labels
-            view.cpus = float(handed.get("cpus") or view.cpus)
-        for given_up in entry.get("given_up", ()):
-            final[given_up["chunk"]] = given_up
-        if "closed" in entry:
-            closed = entry["closed"]
-        if "opened" in entry:  # a later session (attach, resume=True) opened it again
+    for _, key in journal_keys:
+        entry: JournalEntry | None = document(JournalEntry, key)
+        if entry is None:
+            continue
+        for handed in entry.handed:
+            view = job(handed.chunk)
+            view.attempt = max(view.attempt, handed.attempt)
+            view.job_ids.append(handed.job_id)
+            view.calls = handed.calls
+            view.labels = handed.labels or view.labels
+            view.cpus = handed.cpus
+        for given_up in entry.given_up:
+            final[given_up.chunk] = given_up
+        if entry.closed is not None:
+            closed = entry.closed
+        if entry.opened is not None:  # a later session (attach, resume=True) opened it again
             closed = None
-        rerun.update(entry.get("rerun", ()))
-    for key in marker_keys:
-        _, chunk, attempt = store.parse_key(key)
-        marker = objects.get(key)
+        rerun.update(entry.rerun)
+    for key, chunk, attempt in marker_keys:
+        kind = StartMarker if key.endswith(".start") else EndMarker
+        marker = document(kind, key)
         if marker is None:
             continue
-        if key.endswith(".start"):
-            jobs[chunk].starts[attempt] = marker
+        if (marker.chunk, marker.attempt) != (chunk, attempt):
+            problems.append(f"{key}: names chunk {marker.chunk} attempt {marker.attempt} (skipped)")
+            continue
+        view = jobs[chunk]
+        view.attempt = max(view.attempt, attempt)
+        if isinstance(marker, StartMarker):
+            view.starts[attempt] = marker
         else:
-            jobs[chunk].ends[attempt] = marker
+            view.ends[attempt] = marker
 
     for view in jobs.values():
         _derive(view, results, final.get(view.chunk))
@@ -398,50 +462,51 @@ def read_run(store: Store) -> RunView:
         store=store,
         manifest=manifest,
         jobs=ordered,
+        verified=secret is not None,
         closed=closed,
         cancel_request=cancel_request,
         size_bytes=sum(listed.values()),
-        journal_entries=len(journal_keys),
+        next_journal=journal_keys[-1][0] + 1 if journal_keys else 0,
+        problems=problems,
     )
 
 
-def _derive(view: JobView, results: set[tuple[str, int]], given_up: dict[str, Any] | None) -> None:
+def _derive(view: JobView, results: set[tuple[str, int]], given_up: GivenUp | None) -> None:
     latest = view.attempt
     start = view.starts.get(latest)
     end = view.ends.get(latest)
     if start:
-        view.host, view.pid = start.get("host"), start.get("pid")
-        view.pid_started = start.get("pid_started")
-        view.started = start.get("started")
+        view.host, view.pid = start.host, start.pid
+        view.pid_started = start.pid_started
+        view.started = start.started
     if end:
-        view.ended = end.get("ended")
-        view.cpu_seconds = end.get("cpu_seconds")
-        view.peak_memory_bytes = end.get("peak_memory_bytes")
-        view.host = end.get("host", view.host)
-        if end.get("started") is not None:
-            view.started = end["started"]
-        if view.calls is None and end.get("calls") is not None:
-            view.calls = end["calls"]
+        view.ended = end.ended
+        view.cpu_seconds = end.cpu_seconds
+        view.peak_memory_bytes = end.peak_memory_bytes
+        view.host = end.host or view.host
+        if end.started is not None:
+            view.started = end.started
+        if view.calls is None and end.calls is not None:
+            view.calls = end.calls
     view.has_result = (view.chunk, latest) in results
     if view.has_result:
-        failed = int((end or {}).get("failed") or 0)
+        failed = end.failed if end is not None else 0
         view.failed_calls = failed
-        if end and end.get("error"):
-            view.state, view.exit = "Error", str(end["error"])
+        if end is not None and end.error:
+            view.state, view.exit = "Error", end.error
         elif failed:
             view.state = "Failed"
             view.exit = f"{failed}/{view.calls if view.calls is not None else '?'} raised"
-            errors = (end or {}).get("errors") or []
-            if errors:
-                view.exit += f": {errors[0]}"
+            if end is not None and end.errors:
+                view.exit += f": {end.errors[0]}"
         else:
             view.state, view.exit = "Success", "ok"
     elif given_up is not None:
-        view.state = str(given_up.get("state", "Error"))
-        view.reason = given_up.get("reason")
+        view.state = given_up.state
+        view.reason = given_up.reason
         view.exit = "cancelled" if view.state == "Cancelled" else "lost"
     elif end is not None:  # the worker failed before it wrote an outcome
-        view.state, view.exit = "Error", str(end.get("error") or "no outcome")
+        view.state, view.exit = "Error", end.error or "no outcome"
         view.reason = view.exit
     elif start is not None:
         view.state = "Running"
@@ -463,8 +528,9 @@ def open_run(target: str | Store, storage_options: dict[str, Any] | None = None)
 
 
 def find_runs(storage: Any, storage_options: dict[str, Any] | None = None) -> list[Store]:
-    """The runs directly inside a storage root (folders holding a ``manifest.json``),
-    in the order of their folder names (a run's name, then its creation time)."""
+    """The folders directly inside a storage root that hold a ``manifest.json``, in the
+    order of their names (a run's name, then its creation time). Whether each is a
+    batchpool run its manifest tells (``read_run``; ``Store.layout_problem``)."""
     fs, root = open_storage(storage, storage_options)
     root = root.rstrip("/")
     fs.invalidate_cache(root)

@@ -41,6 +41,7 @@ import functools
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -56,19 +57,25 @@ from tenacity import (
     wait_random,
 )
 
-from batchpool.errors import BatchPoolError
+from batchpool import documents
+from batchpool.errors import StorageError
 
 log = logging.getLogger("batchpool")
 T = TypeVar("T")
 
 _FOLDERS = ("chunks", "results", "logs", "events", "blobs", "jobs")
+#: Everything a run's folder may hold at its top level.
+RUN_ENTRIES = frozenset({*_FOLDERS, "manifest.json", "cancel.json"})
+#: The keys of a chunk's objects: its input, and per attempt its outcome, log and markers.
+_CHUNK = r"[0-9]{8}-[0-9a-f]{12}"
+_INPUT_KEY = re.compile(rf"^chunks/({_CHUNK})\.in$")
+_ATTEMPT_KEY = re.compile(rf"^(results|logs|events)/({_CHUNK})\.([1-9][0-9]{{0,6}})\.([a-z]+)$")
+_SUFFIXES = {"results": ("out",), "logs": ("log",), "events": ("start", "end")}
+_JOURNAL_KEY = re.compile(r"^jobs/([0-9]{8,})\.json$")
+_BLOB_KEY = re.compile(r"^blobs/[0-9a-f]{64}$")
 
 #: The job environment variable through which a worker finds the run (``Store.spec()``).
 STORE_ENV = "BATCHPOOL_STORE"
-
-
-class StorageError(BatchPoolError):
-    """A storage operation failed in a way that retrying does not mend."""
 
 
 #: HTTP statuses that mean "try again": timeout, too many requests, server errors.
@@ -267,17 +274,30 @@ class Store:
         return f"{seq:08d}-{uuid.uuid4().hex[:12]}"
 
     @staticmethod
-    def parse_key(key: str) -> tuple[str, str, int]:
-        """``(folder, chunk id, attempt)`` of a chunk's object key (attempt 0 for inputs)."""
-        folder, _, name = key.partition("/")
-        if folder == "chunks":
-            return folder, name.removesuffix(".in"), 0
-        chunk, attempt, _ = name.split(".", 2)
-        return folder, chunk, int(attempt)
+    def parse_key(key: str) -> tuple[str, str, int] | None:
+        """``(folder, chunk id, attempt)`` of a chunk's object key (attempt 0 for inputs);
+        None for a key that is not one batchpool writes (a stray file)."""
+        match = _INPUT_KEY.match(key)
+        if match is not None:
+            return "chunks", match.group(1), 0
+        match = _ATTEMPT_KEY.match(key)
+        if match is None or match.group(4) not in _SUFFIXES[match.group(1)]:
+            return None
+        return match.group(1), match.group(2), int(match.group(3))
+
+    @staticmethod
+    def journal_seq(key: str) -> int | None:
+        """The sequence number of a journal entry's key; None for any other key."""
+        match = _JOURNAL_KEY.match(key)
+        return int(match.group(1)) if match else None
 
     @staticmethod
     def blob_key(digest: str) -> str:
         return f"blobs/{digest}"
+
+    @staticmethod
+    def is_blob_key(key: str) -> bool:
+        return _BLOB_KEY.match(key) is not None
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -301,9 +321,11 @@ class Store:
             raise
         except Exception as exc:
             where = self.fs.unstrip_protocol(self.path(key)) if key else self.url
-            again = " (and kept failing until the retry deadline)" if is_transient(exc) else ""
+            transient = is_transient(exc)
+            again = " (and kept failing until the retry deadline)" if transient else ""
             raise StorageError(
-                f"could not {operation} {where}{again}: {type(exc).__name__}: {exc}"
+                f"could not {operation} {where}{again}: {type(exc).__name__}: {exc}",
+                transient=transient,
             ) from exc
 
     def create(self) -> None:
@@ -317,7 +339,13 @@ class Store:
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` so that a reader sees all of it or nothing."""
-        self._retry("write", key, lambda: self._put_once(self.path(key), data))
+        try:
+            self._retry("write", key, lambda: self._put_once(self.path(key), data))
+        except FileNotFoundError as exc:  # a folder of the run is gone
+            raise StorageError(
+                f"could not write {self.fs.unstrip_protocol(self.path(key))}: its folder is "
+                f"missing, so the run at {self.url} was deleted: {exc}"
+            ) from exc
 
     def _put_once(self, path: str, data: bytes) -> None:
         if not self._renames:
@@ -333,6 +361,54 @@ class Store:
             except OSError:
                 pass
             raise
+
+    def create_new(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if nothing is there: True if this call wrote it,
+        False if something was there already (maybe written a moment ago by another
+        process). Exclusive on local disks and NFS (a hard link, which fails if the name
+        exists), S3 (``If-None-Match: *``) and GCS (``ifGenerationMatch=0``); on other
+        filesystems a check before and a read after the write catch all but a narrow race.
+        """
+        path = self.path(key)
+        if self._renames:
+            return self._retry("create", key, lambda: self._link_new(path, data))
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if set(protocols) & {"s3", "s3a", "gs", "gcs"}:
+
+            def conditional() -> bool:
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    return False
+                return True
+
+            return self._retry("create", key, conditional)
+        if self.exists(key):
+            return False
+        self.put(key, data)
+        return self.get(key) == data
+
+    def _link_new(self, path: str, data: bytes) -> bool:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        try:
+            os.link(tmp, path)  # atomic, and refused when the name exists
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def put_document(self, key: str, doc: documents.Document, secret: bytes | None) -> None:
+        """Write a JSON document (``documents.py``), signed with the run secret if given."""
+        self.put(key, documents.encode(doc, key, secret))
+
+    def get_document(
+        self, kind: type[documents.D], key: str, secret: bytes | None = None
+    ) -> documents.D:
+        """The document at ``key``, checked (``documents.decode``); FileNotFoundError when
+        there is none, ``DocumentError`` when it is not what it should be."""
+        return documents.decode(kind, key, self.get(key), secret)
 
     def get(self, key: str) -> bytes:
         """The bytes at ``key``; FileNotFoundError when there are none."""
@@ -372,12 +448,6 @@ class Store:
 
         return self._retry("look for", key, check)
 
-    def put_json(self, key: str, value: Any) -> None:
-        self.put(key, json.dumps(value, indent=1, default=str).encode())
-
-    def get_json(self, key: str) -> Any:
-        return json.loads(self.get(key))
-
     def list(self, folder: str) -> dict[str, int]:
         """``{key: size}`` of the objects in one of the run's folders (one listing)."""
         path = self.path(folder)
@@ -405,6 +475,33 @@ class Store:
                 pass
 
         self._retry("delete", key, remove)
+
+    def layout_problem(self) -> str | None:
+        """Why this folder does not have a run's layout, or None when it does: a run's
+        folder holds ``manifest.json``, maybe ``cancel.json``, and the run's own folders,
+        nothing else; on a local disk none of them is a symbolic link."""
+        if self._renames and os.path.islink(self.root):
+            return f"{self.root} is a symbolic link"
+
+        def listing() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(self.root)
+            return list(self.fs.ls(self.root, detail=True))
+
+        foreign = []
+        for entry in self._retry("list", "", listing):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            folder = name in _FOLDERS and entry.get("type") == "directory"
+            document = name in ("manifest.json", "cancel.json") and entry.get("type") == "file"
+            if ".tmp-" in name and name.split(".tmp-", 1)[0] in RUN_ENTRIES:
+                document = True  # a write that did not finish
+            if self._renames and os.path.islink(self.path(name)):
+                foreign.append(f"{name} (a symbolic link)")
+            elif not (folder or document):
+                foreign.append(name)
+        if foreign:
+            shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+            return f"it holds what a batchpool run never does: {shown}"
+        return None
 
     def delete_run(self) -> None:
         """Remove the whole run (in batched deletes on object stores), nothing outside it."""

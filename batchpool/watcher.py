@@ -22,18 +22,29 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchpool import documents
 from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
 from batchpool.chunking import coalesce_target
-from batchpool.errors import BatchPoolError, WorkerLostError
+from batchpool.documents import JournalEntry, Manifest, StartMarker
+from batchpool.errors import (
+    FATAL_EXIT_CODE,
+    BatchPoolError,
+    StorageError,
+    WorkerLostError,
+    fatal_error,
+)
 from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord
-from batchpool.runs import Usage, process_started
+from batchpool.processes import is_our_worker
+from batchpool.runs import Usage
 from batchpool.serialization import (
     Group,
     Serializer,
@@ -90,7 +101,10 @@ class Chunk:
     #: Calls cancelled after the chunk's input was written: the worker skips them.
     late_skip: list[int] = field(default_factory=list)
     state: str = "Pending"  # JOB_STATES; mirrored into ``record.state``
-    worker: tuple[int, float | None] = (0, None)  # pid, start time: an adopted chunk's
+    #: An adopted chunk's worker on this machine (its signed start marker), and until
+    #: when it is waited for.
+    worker: StartMarker | None = None
+    orphan_deadline: float = 0.0
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -495,20 +509,22 @@ class Watcher:
         """Put every chunk's engine job ids, attempts and final state in manifest.json,
         once, as the run closes (while it runs, the journal in ``jobs/`` says it:
         rewriting the manifest per job would cost O(jobs²) bytes)."""
+        key = self.store.MANIFEST
         try:
-            manifest = self.store.get_json(self.store.MANIFEST)
-            manifest.setdefault("jobs", {}).update(self._job_table)
-            self.store.put_json(self.store.MANIFEST, manifest)
+            manifest = self.store.get_document(Manifest, key, self._secret)
+            jobs = {**documents.to_builtins(manifest).get("jobs", {}), **self._job_table}
+            self.store.put_document(key, documents.replace(manifest, jobs=jobs), self._secret)
         except Exception as exc:
             log.warning("batchpool: could not write the job table of %s: %s", self.store.url, exc)
 
     def _journal(self, **entry: Any) -> None:
-        """Append one entry to the run's journal (``jobs/``); a failure only warns."""
+        """Append one entry to the run's journal (``jobs/``), signed; a failure only warns."""
         with self._journal_lock:
             key = self.store.journal_key(self._next_journal)
             self._next_journal += 1
         try:
-            self.store.put_json(key, {"time": time.time(), **entry})
+            document = documents.build(JournalEntry, {"time": time.time(), **entry})
+            self.store.put_document(key, document, self._secret)
         except Exception as exc:
             log.warning("batchpool: could not write %s to the run's journal: %s", key, exc)
 
@@ -597,7 +613,7 @@ class Watcher:
         try:
             meta, entries = decode_outcome(unseal(self._secret, key, frame))
             del frame
-            if len(entries) != len(chunk.futures):
+            if not meta.get("fatal") and len(entries) != len(chunk.futures):
                 raise BatchPoolError(
                     f"{key} holds {len(entries)} outcomes for {len(chunk.futures)} calls"
                 )
@@ -605,6 +621,10 @@ class Watcher:
             self._fail(chunk, exc)
             return
         self._record_end(chunk, meta)
+        if meta.get("fatal"):  # the worker could not run the calls, and a retry could not
+            error = fatal_error(str(meta["fatal"]))
+            self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
+            return
         outcomes = []
         for future, entry in zip(chunk.futures, entries, strict=True):
             if future is not None:
@@ -675,7 +695,10 @@ class Watcher:
             if detail:
                 reason = f"{reason}: {detail}"
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
-        self._save_log(chunk, reason, event.log_tail)
+        fatal = self._fatal_cause(chunk, event, reason)
+        if fatal is not None:  # a retry would run the calls again, and fail the same way
+            self._fail(chunk, fatal, reason=f"{type(fatal).__name__}: {fatal}")
+            return
         if not self._cancel_requested and self._cancel_marked():
             self._on_cancel_request()
         if self._cancel_requested:
@@ -703,19 +726,39 @@ class Watcher:
             text += "\nLast lines of the job's output:\n" + event.log_tail
         self._fail(chunk, WorkerLostError(text), state=state, reason=reason)
 
+    def _fatal_cause(self, chunk: Chunk, event: JobEvent, reason: str) -> BatchPoolError | None:
+        """Why running a job that ended without a result again cannot help, if it cannot:
+        its worker said so (``FATAL_EXIT_CODE``: a chunk refused for its signature, a
+        storage error that does not pass), the run's input is gone from storage, or the
+        storage refuses this client's writes too (full, read-only, denied)."""
+        if event.exit_code == FATAL_EXIT_CODE:
+            return fatal_error(event.reason or reason)
+        key = self.store.chunk_key(chunk.id)
+        try:
+            if not self.store.exists(key):
+                return StorageError(
+                    f"the input of {chunk.describe()} ({self.store.path(key)}) is gone from "
+                    f"storage: the run at {self.store.url} was deleted, so its job cannot run again"
+                )
+            self._save_log(chunk, reason, event.log_tail)
+        except StorageError as exc:
+            if not exc.transient:
+                return exc
+            log.warning("batchpool: could not save the log of a lost job of %s: %s", chunk.id, exc)
+        except Exception as exc:
+            log.warning("batchpool: could not save the log of a lost job of %s: %s", chunk.id, exc)
+        return None
+
     def _save_log(self, chunk: Chunk, reason: str, tail: str) -> None:
         """Keep what is known of a job that died without saving its output in ``logs/``,
         so ``future.logs()`` and ``batchpool logs`` show it from anywhere."""
         key = self.store.log_key(chunk.id, chunk.attempt)
-        try:
-            if self.store.exists(key):
-                return
-            text = f"batchpool: the job ended without a result: {reason}\n"
-            if tail:
-                text += f"Last lines of its output:\n{tail.rstrip()}\n"
-            self.store.put(key, text.encode())
-        except Exception as exc:
-            log.warning("batchpool: could not save the log of a lost job at %s: %s", key, exc)
+        if self.store.exists(key):
+            return
+        text = f"batchpool: the job ended without a result: {reason}\n"
+        if tail:
+            text += f"Last lines of its output:\n{tail.rstrip()}\n"
+        self.store.put(key, text.encode())
 
     def _cancel_marked(self) -> bool:
         """Whether ``batchpool cancel`` asked this run to stop (checked when a job is lost,
@@ -788,10 +831,9 @@ class Watcher:
             elif item.how == "engine":  # the engine still knows the job: poll it as ours
                 chunk.set_state("Ready")
                 self._inflight[chunk.job_id] = chunk
-            elif item.how == "orphan":  # a worker on this machine still runs it
+            elif item.how == "orphan":  # a worker on this machine may still run it
                 chunk.set_state("Running")
                 self._orphans[chunk.id] = chunk
-                chunk.worker = (item.pid, item.pid_started)
             elif item.how == "given_up":  # the client that died had given up on it
                 why = "; ".join(chunk.reasons)
                 self._fail(chunk, WorkerLostError(f"{chunk.describe()} failed: {why}"))
@@ -804,13 +846,24 @@ class Watcher:
         """Collect the adopted chunks whose workers finished; how many did."""
         ended = 0
         for chunk in list(self._orphans.values()):
+            why = "its worker ended without a result after the client that started it died"
             if not self.store.exists(self.store.result_key(chunk.id, chunk.attempt)):
-                pid, pid_started = chunk.worker
-                if pid_started is not None and process_started(pid) == pid_started:
+                marker = chunk.worker
+                alive = marker is not None and is_our_worker(
+                    marker.host, marker.pid, marker.pid_started, marker.boot_id, marker.worker
+                )
+                if alive and time.monotonic() < chunk.orphan_deadline:
                     continue  # still running
+                if alive and marker is not None and marker.pid:
+                    # Past its grace and, provably, our own worker: stop it before the
+                    # chunk runs again, so that no call runs twice at once.
+                    why = "its worker was still running it when its grace ran out"
+                    try:
+                        os.kill(marker.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
             del self._orphans[chunk.id]
             ended += 1
-            why = "its worker ended without a result after the client that started it died"
             self._collect(chunk, JobEvent(chunk.job_id, JobState.LOST, reason=why))
         return ended
 
@@ -881,8 +934,6 @@ class Adopted:
 
     chunk: Chunk
     how: str  # "done", "given_up", "engine", "orphan" or "new"
-    pid: int = 0
-    pid_started: float | None = None
 
 
 class _Request:
@@ -906,8 +957,9 @@ class _Request:
         return self._value
 
 
-def _storage_error(what: str, chunk: Chunk, exc: Exception) -> BatchPoolError:
-    return BatchPoolError(
+def _storage_error(what: str, chunk: Chunk, exc: Exception) -> StorageError:
+    return StorageError(
         f"could not {what} {chunk.describe()} (chunk {chunk.id}) in storage: "
-        f"{type(exc).__name__}: {exc}"
+        f"{type(exc).__name__}: {exc}",
+        transient=getattr(exc, "transient", False),
     )

@@ -33,8 +33,15 @@ from typing import Any
 from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
 from batchpool.codeship import prepare_worker
-from batchpool.errors import EnvironmentMismatchError, IntegrityError
-from batchpool.runs import process_started
+from batchpool.documents import Document, EndMarker, StartMarker
+from batchpool.errors import (
+    FATAL_EXIT_CODE,
+    EnvironmentMismatchError,
+    IntegrityError,
+    StorageError,
+    is_fatal,
+)
+from batchpool.processes import boot_id, orphan_grace, own_token_digest, process_started
 from batchpool.serialization import (
     ERROR,
     SECRET_ENV,
@@ -224,7 +231,28 @@ def run_chunk(
     cpu_before = _cpu_seconds()
     _reset_peak_memory()
     key = store.chunk_key(chunk_id)
-    header, groups = decode_chunk(unseal(secret, key, store.get(key)))
+    try:
+        frame = store.get(key)
+    except FileNotFoundError:
+        raise StorageError(
+            f"{store.fs.unstrip_protocol(store.path(key))} is missing: the run was deleted "
+            "from storage, or this job reads another run's storage"
+        ) from None
+    try:
+        header, groups = decode_chunk(unseal(secret, key, frame))
+    except Exception as exc:  # forged, truncated, or not written by this run's client
+        # An outcome that says so, so the client fails the calls at once: running the
+        # job again would read the same bytes.
+        error = (
+            exc
+            if isinstance(exc, IntegrityError)
+            else IntegrityError(
+                f"{key} could not be read as a chunk of this run: {type(exc).__name__}: {exc}"
+            )
+        )
+        _write_fatal_outcome(store, secret, chunk_id, attempt, started, error)
+        raise error from None
+    del frame
     if skip:
         groups = _skip_calls(groups, skip)
     mismatch = environment_mismatch(header)
@@ -263,6 +291,29 @@ def run_chunk(
     result_key = store.result_key(chunk_id, attempt)
     store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
     return meta
+
+
+def _write_fatal_outcome(
+    store: Store, secret: bytes, chunk_id: str, attempt: int, started: float, error: Exception
+) -> None:
+    """The outcome of a chunk whose calls could not even be read: no entries, and the
+    error (``meta["fatal"]``) each of its calls fails with, so that the client fails
+    them at once instead of running the job again to read the same bytes."""
+    text = f"{type(error).__name__}: {error}"
+    meta = {
+        "chunk": chunk_id,
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "ended": time.time(),
+        "calls": 0,
+        "failed": 0,
+        "error": text,
+        "fatal": text,
+    }
+    result_key = store.result_key(chunk_id, attempt)
+    store.put(result_key, seal(secret, result_key, encode_outcome(meta, [])))
 
 
 def _skip_calls(groups: list[Group], skip: frozenset[int]) -> list[Group]:
@@ -394,42 +445,45 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
         )
         return
     pid = os.getpid()
-    _put_marker(
-        store,
-        store.start_key(chunk, attempt),
-        {
-            "chunk": chunk,
-            "attempt": attempt,
-            "host": socket.gethostname(),
-            "pid": pid,
-            "pid_started": process_started(pid),
-            "started": time.time(),
-            "engine_job": engine_job_id(env),
-            "restarts": restarts,  # Slurm requeued the job this many times
-        },
+    start = StartMarker(
+        chunk=chunk,
+        attempt=attempt,
+        host=socket.gethostname(),
+        pid=pid,
+        pid_started=process_started(pid),
+        boot_id=boot_id(),
+        worker=own_token_digest(),
+        started=time.time(),
+        engine_job=engine_job_id(env),
+        restarts=restarts,  # Slurm requeued the job this many times
     )
-    end: dict[str, Any] = {"chunk": chunk, "attempt": attempt}
+    _put_marker(store, store.start_key(chunk, attempt), start, secret)
+    end = EndMarker(chunk=chunk, attempt=attempt)
     capture.begin()
     try:
         skip = frozenset(int(i) for i in parsed.skip.split(",") if i)
-        end = run_chunk(store, secret, chunk, attempt, skip)
+        meta = run_chunk(store, secret, chunk, attempt, skip)
+        end = EndMarker(**{k: v for k, v in meta.items() if k in END_FIELDS and v is not None})
     except BaseException as exc:
-        end["error"] = f"{type(exc).__name__}: {exc}"
-        end["ended"] = time.time()
+        end.error = f"{type(exc).__name__}: {exc}"[:10_000]
+        end.ended = time.time()
         raise
     finally:
         log = capture.end()
         if log:
             store.put(store.log_key(chunk, attempt), log)
-        end.pop("blobs_loaded", None)
-        _put_marker(store, store.end_key(chunk, attempt), end)
+        _put_marker(store, store.end_key(chunk, attempt), end, secret)
 
 
-def _put_marker(store: Store, key: str, marker: dict[str, Any]) -> None:
-    """Write a start or end marker. They tell people and the CLI how the job went; a
-    job whose storage refuses them still runs, and says so in its log."""
+#: What an end marker keeps of a chunk's outcome meta.
+END_FIELDS = frozenset(EndMarker.__struct_fields__)
+
+
+def _put_marker(store: Store, key: str, marker: Document, secret: bytes) -> None:
+    """Write a start or end marker, signed. They tell people and the CLI how the job
+    went; a job whose storage refuses them still runs, and says so in its log."""
     try:
-        store.put_json(key, marker)
+        store.put_document(key, marker, secret)
     except Exception as exc:
         sys.stderr.write(f"batchpool: could not write the marker {key}: {exc}\n")
 
@@ -450,9 +504,6 @@ def _job_parser() -> argparse.ArgumentParser:
 
 
 _busy = threading.Lock()  # held while a pool worker runs a job
-#: How long a pool worker whose client died may still run its job (seconds).
-ORPHAN_GRACE_ENV = "BATCHPOOL_ORPHAN_GRACE"
-DEFAULT_ORPHAN_GRACE = 600.0
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -463,8 +514,7 @@ def _exit_when_orphaned(parent: int) -> None:
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
-            grace = float(os.environ.get(ORPHAN_GRACE_ENV, DEFAULT_ORPHAN_GRACE))
-            _busy.acquire(timeout=grace)
+            _busy.acquire(timeout=orphan_grace())
             os._exit(0)
 
 
@@ -492,15 +542,15 @@ def serve(job_fd: int, event_fd: int) -> None:
         if message.get("stop"):
             break
         os.environ.update(message["env"])
-        error = ""
+        error, fatal = "", False
         with _busy:
             try:
                 run_job(message["args"], message["env"], capture)
             except BaseException as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error, fatal = f"{type(exc).__name__}: {exc}", is_fatal(exc)
                 traceback.print_exc()
                 _flush()
-        send({"done": message["job"], "error": error})
+        send({"done": message["job"], "error": error, "fatal": fatal})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -518,8 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = exc.code
         else:
             error = str(exc.code)
-    except BaseException:
+    except BaseException as exc:
         error = traceback.format_exc()
+        if is_fatal(exc):  # the engine's exit status tells the executor not to retry
+            error += f"batchpool: {type(exc).__name__}: {exc}\n"
+            status = FATAL_EXIT_CODE
     finally:
         replay = capture.replay
         log = capture.restore()
@@ -527,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.write(1, log)
     if error:  # the worker's own failure, after the calls' output, on stderr
         sys.stderr.write(error.rstrip("\n") + "\n")
-        return 1
+        return status or 1
     return status
 
 

@@ -19,7 +19,8 @@ from test_slurm import slurm  # noqa: F401  (the fixture that starts the local S
 
 from batchpool import BatchPoolExecutor, WorkerLostError
 from batchpool.backends.slurm import SlurmBackend
-from batchpool.runs import JobView, open_run, process_started, read_run
+from batchpool.processes import process_started
+from batchpool.runs import JobView, open_run, read_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -344,12 +345,13 @@ def test_status_and_cancel_ask_slurm(tmp_path: Path) -> None:
     try:
         future = bpe.submit(time.sleep, 60)
         job = wait_until_running(bpe.run_url, deadline=30)
-        # The command finds the cluster from the manifest alone, as on another machine.
-        env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-        code, document = cli_json("status", bpe.run_url, env=env)
+        # The command asks the cluster this machine's own configuration names (SLURM_CONF),
+        # as any Slurm command does: the manifest records only that the run used Slurm.
+        code, document = cli_json("status", bpe.run_url)
         assert (code, document["engine_error"], document["backend"]) == (0, None, "slurm")
+        assert document["verified"] is True  # the secret of a run made here is here
         assert [(j["state"], j["job_id"]) for j in document["jobs"]] == [("Running", job.job_id)]
-        result = cli("cancel", bpe.run_url, env=env)
+        result = cli("cancel", bpe.run_url)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"cancelled 1 job on slurm: {job.job_id}" in result.stdout
         cf.wait([future], timeout=20)

@@ -171,9 +171,10 @@ def test_the_store_tells_the_same_story(tmp_path: Path) -> None:
     # the chunks are numbered in submission order
     assert [job.chunk[:8] for job in view.jobs] == ["00000000", "00000001"]
     # At close the manifest gets the job table: engine job ids, attempts, state.
-    table = view.manifest["jobs"]
-    assert {row["state"] for row in table.values()} == {"Success", "Failed"}
-    assert all(row["attempts"] == 1 and len(row["job_ids"]) == 1 for row in table.values())
+    assert view.manifest is not None
+    table = view.manifest.jobs
+    assert {row.state for row in table.values()} == {"Success", "Failed"}
+    assert all(row.attempts == 1 and len(row.job_ids) == 1 for row in table.values())
 
 
 def test_progress_bar_counts_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

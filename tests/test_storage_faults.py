@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from faults import FaultyLocal, read_log
 
-from batchpool import BatchPoolExecutor, WorkerLostError
+from batchpool import BatchPoolExecutor
 from batchpool.store import StorageError, Store, is_transient
 
 
@@ -63,7 +63,7 @@ def test_1000_calls_with_10_percent_of_store_operations_failing(tmp_path: Path) 
 
 def test_a_permanent_error_fails_fast_naming_the_url_and_operation(tmp_path: Path) -> None:
     fs = FaultyLocal(rate=1.0, kind="permanent")
-    with pytest.raises(StorageError, match=r"could not write .*manifest\.json: PermissionError"):
+    with pytest.raises(StorageError, match=r"could not create .*manifest\.json: PermissionError"):
         BatchPoolExecutor(storage=(fs, str(tmp_path / "runs")))
 
 
@@ -77,11 +77,12 @@ def test_workers_that_cannot_read_their_chunk_fail_the_calls_clearly(tmp_path: P
     import os
 
     fs = FaultyLocal(rate=1.0, kind="permanent", spare=os.getpid())  # only workers fail
-    with (
-        BatchPoolExecutor(max_workers=1, storage=(fs, str(tmp_path)), max_attempts=2) as ex,
-        pytest.raises(WorkerLostError, match=r"StorageError: could not read .*PermissionError"),
-    ):
-        ex.submit(triple, 1).result(timeout=60)
+    with BatchPoolExecutor(max_workers=1, storage=(fs, str(tmp_path)), max_attempts=2) as ex:
+        future = ex.submit(triple, 1)
+        with pytest.raises(StorageError, match=r"could not read .*PermissionError"):
+            future.result(timeout=60)
+    # A permission that is denied stays denied: the job is not run again.
+    assert future.job is not None and future.job.attempt == 1
 
 
 def test_operation_counts_per_chunk(tmp_path: Path) -> None:
@@ -160,5 +161,5 @@ def test_remote_stores_survive_transient_faults_and_count_their_operations(
 
     # A permanent error (403 / AccessDenied) fails fast, naming the URL and the operation.
     fs = faulty_remote(which, service, str(tmp_path / "denied.log"), rate=1.0, kind="permanent")
-    with pytest.raises(StorageError, match=r"could not write .*manifest\.json"):
+    with pytest.raises(StorageError, match=r"could not create .*manifest\.json"):
         BatchPoolExecutor(storage=(fs, root + "-denied"))

@@ -25,7 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchpool
-from batchpool import BatchPoolExecutor, IntegrityError, JobState, LocalBackend, WorkerLostError
+from batchpool import BatchPoolExecutor, IntegrityError, JobState, LocalBackend
+from batchpool.errors import FATAL_EXIT_CODE
 from batchpool.serialization import (
     MAGIC,
     client_versions,
@@ -36,7 +37,7 @@ from batchpool.serialization import (
     seal,
     unseal,
 )
-from batchpool.store import Store
+from batchpool.store import StorageError, Store
 from batchpool.worker import SECRET_ENV, STORE_ENV
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,7 +116,7 @@ def test_get_of_a_missing_key_raises_file_not_found(tmp_path):
 
 def test_put_into_a_missing_folder_fails_and_leaves_nothing(tmp_path):
     store = Store(LocalFileSystem(), str(tmp_path / "never-created"))
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="its folder is missing"):
         store.put("chunks/a.in", b"data")
     assert not (tmp_path / "never-created").exists()
 
@@ -364,11 +365,15 @@ def test_worker_refuses_a_tampered_chunk_before_unpickling(hand_run, tmp_path, h
         store.put(key, _tampered_frames(secret, key, str(marker))[how])
 
     done = run(chunk_id)
-    assert done.returncode != 0
+    assert done.returncode == FATAL_EXIT_CODE  # a retry would read the same bytes
     assert "IntegrityError" in done.stdout + done.stderr
     assert key in done.stdout + done.stderr
     assert not marker.exists()
-    assert list((tmp_path / "run" / "results").iterdir()) == []  # no outcome was written
+    # The outcome says so, with no result in it: the client fails the calls at once.
+    [outcome] = (tmp_path / "run" / "results").iterdir()
+    result_key = f"results/{outcome.name}"
+    meta, entries = decode_outcome(unseal(secret, result_key, outcome.read_bytes()))
+    assert entries == [] and meta["fatal"].startswith("IntegrityError: ") and key in meta["fatal"]
 
 
 def test_worker_reports_a_refused_chunk_on_stderr(hand_run, tmp_path):
@@ -452,15 +457,15 @@ def test_worker_refuses_a_chunk_tampered_in_storage(tmp_path):
     ran = tmp_path / "ran"
     backend = TamperingBackend("chunk", str(marker))
     try:
-        with BatchPoolExecutor(
-            max_workers=2, storage=str(tmp_path), backend=backend, max_attempts=1
-        ) as ex:
-            error = ex.submit(write_file, str(ran)).exception(timeout=30)
+        with BatchPoolExecutor(max_workers=2, storage=str(tmp_path), backend=backend) as ex:
+            future = ex.submit(write_file, str(ran))
+            error = future.exception(timeout=30)
     finally:
         backend.close()
-    assert isinstance(error, WorkerLostError)
-    assert "IntegrityError" in str(error)
-    assert backend.tampered and backend.tampered[0] in str(error)
+    # Refused at once, as itself: a retry would read the same forged bytes.
+    assert isinstance(error, IntegrityError)
+    assert future.job is not None and future.job.attempt == 1
+    assert backend.tampered == [backend.tampered[0]] and backend.tampered[0] in str(error)
     assert not marker.exists()  # the tampered pickle was never loaded
     assert not ran.exists()  # and the call never ran
 
@@ -494,7 +499,8 @@ def test_manifest_written_at_creation(tmp_path):
         manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["name"] == "my run"
     assert manifest["run_id"] == folder.name
-    assert manifest["backend"] == {"name": "local", "options": {}, "environment": {}}
+    assert manifest["format"] == "batchpool-run/2"
+    assert manifest["backend"] == {"name": "local", "options": {}}
     assert manifest["client"]["pid"] == os.getpid()
     assert manifest["created"]
     client = manifest["client"]

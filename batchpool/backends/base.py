@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -54,6 +55,34 @@ class JobState(enum.Enum):
 _FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.LOST})
 
 
+#: Job environment variables that only the executor sets (the store, the run secret).
+RESERVED_ENV_PREFIX = "BATCHPOOL_"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _checked_env(env: Any) -> tuple[tuple[str, str], ...]:
+    """``env`` of job options as sorted ``(name, value)`` pairs, or a clear error."""
+    items = env.items() if isinstance(env, dict) else env
+    try:
+        pairs = [(name, value) for name, value in items]
+    except (TypeError, ValueError):
+        raise TypeError(f"job option env={env!r} must be a dict of names to strings") from None
+    for name, value in pairs:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ValueError(f"job option env: {name!r} is not an environment variable name")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"job option env[{name!r}] must be a string, not {type(value).__name__}"
+            )
+        if name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(
+                f"job option env[{name!r}]: {RESERVED_ENV_PREFIX}* variables are set by the "
+                "executor for each job (they name the run's storage and secret) and cannot "
+                "be given"
+            )
+    return tuple(sorted(pairs))
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one job asks of the engine, and where and how its worker starts.
@@ -91,8 +120,8 @@ class Resources:
                 f"unknown job option(s) {', '.join(sorted(unknown))}; known: "
                 f"{', '.join(sorted(known))}"
             )
-        if "env" in changes and isinstance(changes["env"], dict):
-            changes["env"] = tuple(sorted(changes["env"].items()))
+        if "env" in changes:
+            changes["env"] = _checked_env(changes["env"])
         for name in ("setup", "extra_args"):
             if isinstance(changes.get(name), list):
                 changes[name] = tuple(changes[name])
@@ -117,8 +146,11 @@ class JobSpec:
         return [*argv, "-m", "batchpool.worker", *self.args]
 
     def environment(self) -> dict[str, str]:
-        """The job's environment variables: the executor's, then the user's ``env``."""
-        return {**self.env, **dict(self.resources.env)}
+        """The job's environment variables: the executor's, then the user's ``env``, which
+        may change anything but the ``BATCHPOOL_`` variables: the store and the secret
+        that a worker reads always come from the executor."""
+        user = {k: v for k, v in self.resources.env if not k.startswith(RESERVED_ENV_PREFIX)}
+        return {**self.env, **user}
 
 
 @dataclass(frozen=True)
@@ -158,10 +190,22 @@ class Backend(abc.ABC):
     job_ids_outlive_client: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
-        """What a run's manifest records of this backend, so that another process can
-        query and cancel the run's jobs: ``{"name", "options", "environment"}``, where
-        ``make_backend(name, **options)`` with ``environment`` set rebuilds one."""
-        return {"name": self.name or type(self).__name__, "options": {}, "environment": {}}
+        """What a run's manifest records of this backend: ``{"name", "options"}``, where
+        ``make_backend(name, **options)`` rebuilds one for ``attach`` (which uses them only
+        from a manifest that carries the run's signature). Never command paths or
+        environment variables: those come from the configuration of whoever attaches
+        (``batchpool`` ignores the options and uses only the name)."""
+        return {"name": self.name or type(self).__name__, "options": {}}
+
+    @classmethod
+    def check_job_id(cls, job_id: str) -> None:
+        """Raise ValueError unless ``job_id`` has the form this engine's ids have; ids read
+        from storage are checked before any engine command sees them. The default
+        refuses what could pass for an option or break a command line."""
+        if not job_id or job_id.startswith("-") or not job_id.isprintable() or " " in job_id:
+            raise ValueError(
+                f"{job_id!r} is not a job id of the {cls.name or cls.__name__} backend"
+            )
 
     def explain(self, job_id: str) -> str:
         """Why a job ended without success, in the engine's words (state, reason, exit

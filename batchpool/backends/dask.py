@@ -35,7 +35,6 @@ are closed by ``close``. ``Resources.python``, ``image``, ``setup`` and
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import traceback
@@ -44,7 +43,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
-from batchpool.errors import BackendError
+from batchpool.documents import DocumentError, StartMarker
+from batchpool.errors import FATAL_EXIT_CODE, BackendError, is_fatal
 
 #: How many ended jobs the backend remembers the state of for ``status``.
 FINISHED_MEMORY = 100_000
@@ -68,18 +68,21 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
     from batchpool import worker
 
     parsed = worker._job_parser().parse_args(list(args))
-    store, _secret = worker._store_from_env(env)
+    store, secret = worker._store_from_env(env)
     chunk, attempt = parsed.chunk, parsed.attempt
     mark = store.start_key(chunk, attempt)  # the worker writes it as it starts
     with _job_lock:
         if store.exists(mark):
             if store.exists(store.result_key(chunk, attempt)):
                 return  # it finished before its worker died: nothing to do again
-            before = json.loads(store.get(mark))
-            if "failed" not in before:  # it did not fail: its worker died under it
+            try:
+                before: StartMarker | None = store.get_document(StartMarker, mark, secret)
+            except (FileNotFoundError, DocumentError):
+                before = None  # not this run's own marker: it proves nothing
+            if before is not None and before.failed is None:  # its worker died under it
                 raise DaskJobLost(
-                    f"the Dask worker that ran this job before (pid {before.get('pid')} on "
-                    f"{before.get('host')}) died without writing its result; Dask ran the task "
+                    f"the Dask worker that ran this job before (pid {before.pid} on "
+                    f"{before.host}) died without writing its result; Dask ran the task "
                     "again, which batchpool counts as a lost attempt instead of running the "
                     "calls twice"
                 )
@@ -97,8 +100,11 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
         except BaseException as exc:
             # A failure of the task itself (not of a call): say so in the mark, so
             # a retry the user asked Dask for (``retries=``) runs the job again.
+            failed = StartMarker(
+                chunk=chunk, attempt=attempt, failed=f"{type(exc).__name__}: {exc}"
+            )
             try:
-                store.put(mark, json.dumps({"failed": f"{type(exc).__name__}: {exc}"}).encode())
+                store.put_document(mark, failed, secret)
             except Exception:
                 pass
             raise
@@ -305,12 +311,21 @@ class DaskBackend(Backend):
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, KilledWorker | DaskJobLost):
             self._end(job_id, JobState.LOST, "the Dask worker running it died", text)
+        elif is_fatal(exc):  # a retry would fail the same way
+            self._end(job_id, JobState.FAILED, text, text, exit_code=FATAL_EXIT_CODE)
         else:
             if tb is not None:
                 text += "\n" + "".join(traceback.format_tb(tb)).rstrip("\n")
             self._end(job_id, JobState.FAILED, "the Dask task failed", text)
 
-    def _end(self, job_id: str, state: JobState, why: str = "", detail: str = "") -> None:
+    def _end(
+        self,
+        job_id: str,
+        state: JobState,
+        why: str = "",
+        detail: str = "",
+        exit_code: int | None = None,
+    ) -> None:
         with self._lock:
             if job_id in self._ended or job_id not in self._notify:
                 return
@@ -324,4 +339,4 @@ class DaskBackend(Backend):
                 while len(self._why) > EXPLAIN_MEMORY:
                     self._why.pop(next(iter(self._why)))
         if notify is not None:
-            notify(JobEvent(job_id, state, reason=why))
+            notify(JobEvent(job_id, state, exit_code=exit_code, reason=why))

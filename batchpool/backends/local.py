@@ -37,10 +37,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
-from batchpool.errors import BackendError
+from batchpool.errors import FATAL_EXIT_CODE, BackendError
+from batchpool.processes import WORKER_TOKEN_ENV, new_worker_token
 
-#: A worker that exits this many times in a row before it is ready breaks the pool.
+#: Workers that exit by themselves before they are ready, this many times in a row for the
+#: same reason (an import error, a bad interpreter), stop the pool from trying: the jobs
+#: queued then fail with the last one's output. A later submit tries again.
 MAX_START_FAILURES = 3
+#: The longest pause before new workers start after workers died before they were ready
+#: (killed from outside, by the out-of-memory killer or a chaos test): the pool keeps
+#: trying, more slowly, and never gives up on such deaths.
+MAX_RESPAWN_DELAY = 2.0
 #: Seconds ``close`` lets idle workers take to exit before it kills them.
 CLOSE_GRACE = 2.0
 #: How many finished jobs the pool remembers the state of for ``status``.
@@ -131,8 +138,12 @@ class LocalBackend(Backend):
         self._thread: threading.Thread | None = None
         self._closing = False
         self._close_deadline = 0.0
-        self._broken = ""  # why workers cannot start, once they cannot
-        self._start_failures = 0
+        # Why workers cannot start, once MAX_START_FAILURES of them exited by themselves
+        # for the same reason before they were ready; cleared by the next submit.
+        self._broken = ""
+        # Workers that ended before they were ready since one last was: by cause.
+        self._start_failures: collections.Counter[str] = collections.Counter()
+        self._respawn_at: float | None = None  # when to start the missing workers
 
     def max_parallel(self) -> int:
         return self._max_workers
@@ -151,6 +162,10 @@ class LocalBackend(Backend):
                 raise BackendError("this LocalBackend is closed; create a new one to run jobs")
             if self._thread is None:
                 self._start_locked()
+            elif self._broken:  # try once more: the environment may have been mended
+                self._broken = ""
+                self._start_failures.clear()
+                refused = self._fill_locked()
             for spec in jobs:
                 job = _Job(f"local-{next(self._ids)}", spec, notify)
                 ids.append(job.id)
@@ -227,12 +242,47 @@ class LocalBackend(Backend):
         self._thread = threading.Thread(target=self._manage, name="batchpool-local", daemon=True)
         self._thread.start()
 
+    def _fill_locked(self) -> list[_Job]:
+        """Start workers until the pool is full again; the queued jobs to fail if the
+        pool cannot start workers at all (``_broken``)."""
+        self._respawn_at = None
+        while len(self._workers) < self._max_workers and not self._broken:
+            try:
+                self._spawn_locked()
+            except BackendError as exc:
+                if exc.__cause__ is not None and isinstance(
+                    exc.__cause__, (FileNotFoundError, PermissionError, NotADirectoryError)
+                ):  # no such interpreter: no retry can mend it
+                    self._broken = str(exc)
+                else:  # out of processes, memory or descriptors: may pass
+                    self._schedule_fill_locked()
+                    return []
+        if not self._broken:
+            return []
+        broken = list(self._queue)
+        self._queue.clear()
+        for queued in broken:
+            del self._jobs[queued.id]
+        return broken
+
+    def _schedule_fill_locked(self) -> None:
+        """Start the missing workers after a pause that grows with the workers that
+        ended before they were ready, one after another."""
+        early = sum(self._start_failures.values())
+        delay = 0.0 if not early else min(MAX_RESPAWN_DELAY, 0.05 * 2 ** (early - 1))
+        at = time.monotonic() + delay
+        if self._respawn_at is None or at < self._respawn_at:
+            self._respawn_at = at
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            os.write(self._wake_w, b"x")
+
     def _spawn_locked(self) -> None:
         number = next(self._numbers)
         job_r, job_w = os.pipe()
         event_r, event_w = os.pipe()
         log_path = os.path.join(self._scratch, f"worker-{number}.log")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The token tells this worker from any other process (see processes.py).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{WORKER_TOKEN_ENV: new_worker_token()})
         if _SOURCE_CHECKOUT:  # the worker must import batchpool before it learns our sys.path
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_HERE, env.get("PYTHONPATH")]))
         try:
@@ -286,6 +336,8 @@ class LocalBackend(Backend):
             timeout = None
             if self._closing:
                 timeout = max(0.0, self._close_deadline - time.monotonic())
+            elif self._respawn_at is not None:
+                timeout = max(0.0, self._respawn_at - time.monotonic())
             for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     os.read(self._wake_r, 512)
@@ -298,12 +350,18 @@ class LocalBackend(Backend):
                     self._on_exit(worker)
                 elif not self._on_readable(worker):
                     self._on_exit(worker)
+            refused: list[_Job] = []
             with self._lock:
                 if self._closing and not self._workers:
                     break
                 if self._closing and time.monotonic() >= self._close_deadline:
                     for worker in self._workers:
                         _kill(worker.proc)
+                due = self._respawn_at is not None and time.monotonic() >= self._respawn_at
+                if due and not self._closing:
+                    refused = self._fill_locked()
+            for job in refused:
+                self._finish(job, JobState.LOST, reason=self._broken)
         self._release()
 
     def _on_readable(self, worker: _Worker) -> bool:
@@ -323,13 +381,13 @@ class LocalBackend(Backend):
             if "ready" in message:
                 with self._lock:
                     worker.ready = True
-                    self._start_failures = 0
+                    self._start_failures.clear()
                     self._assign_locked()
             elif "done" in message:
-                self._on_done(worker, message.get("error", ""))
+                self._on_done(worker, message.get("error", ""), bool(message.get("fatal")))
         return True
 
-    def _on_done(self, worker: _Worker, error: str) -> None:
+    def _on_done(self, worker: _Worker, error: str, fatal: bool = False) -> None:
         log = _read(worker.log_path) if (error or self._echo) else b""
         with self._lock:
             job, worker.job = worker.job, None
@@ -339,7 +397,9 @@ class LocalBackend(Backend):
             return
         if self._echo and log:
             _echo(log)
-        if error:
+        if fatal:  # the worker says a retry would fail the same way
+            self._finish(job, JobState.FAILED, FATAL_EXIT_CODE, reason=error, log=log)
+        elif error:
             self._finish(job, JobState.FAILED, reason=f"the worker failed: {error}", log=log)
         else:
             self._finish(job, JobState.SUCCEEDED)
@@ -368,26 +428,24 @@ class LocalBackend(Backend):
             if job is not None:
                 del self._jobs[job.id]
             if not worker.ready and not self._closing:
-                self._start_failures += 1
-                if self._start_failures >= MAX_START_FAILURES:
+                # Ended before it was ready. Killed by a signal (the out-of-memory killer,
+                # `kill`): the next may start, so the pool keeps trying, with a pause. Exited
+                # by itself (an import error): the same cause again and again means workers
+                # cannot start here, and the queued jobs fail with its output.
+                self._start_failures[words] += 1
+                if signum is None and self._start_failures[words] >= MAX_START_FAILURES:
                     self._broken = (
                         f"local worker processes ({self._python} -m batchpool.worker) exit "
-                        f"before they are ready: the last one {words}. Its output:\n"
-                        f"{_tail(log)}\nCheck that batchpool imports with that interpreter"
+                        f"before they are ready: the last {MAX_START_FAILURES} {words}. Its "
+                        f"output:\n{_tail(log)}\nCheck that batchpool imports with that "
+                        "interpreter"
                     )
                     broken = list(self._queue)
                     self._queue.clear()
                     for queued in broken:
                         del self._jobs[queued.id]
             if not self._closing and not self._broken:
-                try:
-                    self._spawn_locked()
-                except BackendError as exc:
-                    self._broken = str(exc)
-                    broken = list(self._queue)
-                    self._queue.clear()
-                    for queued in broken:
-                        del self._jobs[queued.id]
+                self._schedule_fill_locked()
         if job is not None:
             state = JobState.CANCELLED if job.cancelled else JobState.LOST
             self._finish(job, state, exit_code, signum, f"its worker process {words}", log)

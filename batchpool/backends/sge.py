@@ -44,6 +44,7 @@ LOG_TAIL_LINES = 20
 LOG_TAIL_BYTES = 8192
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_TASK_ID = re.compile(r"([0-9]{1,20})\.([0-9]{1,10})")
 
 
 def _default_log_dir() -> str:
@@ -76,10 +77,10 @@ def _task_numbers(text: str) -> Iterable[int]:
 
 
 def _split_id(job_id: str) -> tuple[str, str]:
-    number, _, task = job_id.partition(".")
-    if not number.isdigit() or not task.isdigit():
+    match = _TASK_ID.fullmatch(job_id) if isinstance(job_id, str) else None
+    if match is None:
         raise ValueError(f"{job_id!r} is not an SGE task id of the form '<job number>.<task>'")
-    return number, task
+    return match.group(1), match.group(2)
 
 
 def _job_name(spec: JobSpec) -> str:
@@ -172,13 +173,11 @@ class SGEBackend(Backend):
     job_ids_outlive_client = True
 
     def describe(self) -> dict[str, Any]:
-        commands = {k: v for k, v in self._commands.items() if k != "qsub"}
-        environment = {k: os.environ[k] for k in ("SGE_ROOT", "SGE_CELL") if k in os.environ}
-        return {
-            "name": self.name,
-            "options": {**commands, "log_dir": self.log_dir, "queue": self.queue},
-            "environment": environment,
-        }
+        return {"name": self.name, "options": {"log_dir": self.log_dir, "queue": self.queue}}
+
+    @classmethod
+    def check_job_id(cls, job_id: str) -> None:
+        _split_id(job_id)
 
     def __repr__(self) -> str:
         return f"SGEBackend(queue={self.queue!r}, project={self.project!r})"
@@ -230,6 +229,7 @@ class SGEBackend(Backend):
         listed = self._qstat()
         states: dict[str, JobState] = {}
         for job_id in job_ids:
+            _split_id(job_id)
             # Absent from qstat: it ended; the executor reads its outcome or explains it.
             states[job_id] = listed.get(job_id, JobState.SUCCEEDED)
         return states

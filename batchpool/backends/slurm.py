@@ -59,7 +59,7 @@ _STATES: dict[str, JobState] = {
     "PREEMPTED": JobState.LOST,
 }
 
-_TASK_ID = re.compile(r"^(\d+)_(\d+)$")
+_TASK_ID = re.compile(r"([0-9]{1,20})_([0-9]{1,10})")
 
 
 def slurm_state(word: str) -> JobState:
@@ -75,7 +75,7 @@ def slurm_state(word: str) -> JobState:
 
 
 def _split_id(job_id: str) -> tuple[str, int]:
-    match = _TASK_ID.match(job_id)
+    match = _TASK_ID.fullmatch(job_id) if isinstance(job_id, str) else None
     if not match:
         raise ValueError(f"{job_id!r} is not a Slurm array task id of this backend (<job>_<task>)")
     return match.group(1), int(match.group(2))
@@ -212,13 +212,14 @@ class SlurmBackend(Backend):
     job_ids_outlive_client = True
 
     def describe(self) -> dict[str, Any]:
-        commands = {k: v for k, v in self._commands.items() if k != "sbatch"}
-        conf = os.environ.get("SLURM_CONF")
         return {
             "name": self.name,
-            "options": {**commands, "log_dir": self.log_dir, "partition": self.partition},
-            "environment": {"SLURM_CONF": conf} if conf else {},
+            "options": {"log_dir": self.log_dir, "partition": self.partition},
         }
+
+    @classmethod
+    def check_job_id(cls, job_id: str) -> None:
+        _split_id(job_id)
 
     def __repr__(self) -> str:
         where = f"partition={self.partition!r}" if self.partition else "default partition"
@@ -494,6 +495,8 @@ class SlurmBackend(Backend):
     def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:
             return
+        for job_id in job_ids:
+            _split_id(job_id)  # only ids of this backend's form reach scancel
         self._run(
             [self._commands["scancel"], *job_ids],
             ok_errors=("already completing or completed", "Invalid job id"),
