@@ -470,8 +470,11 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
         raise
     finally:
         log = capture.end()
-        if log:
-            store.put(store.log_key(chunk, attempt), log)
+        if log:  # best effort, as the markers: its failure must not hide the job's own
+            try:
+                store.put(store.log_key(chunk, attempt), log)
+            except Exception as exc:
+                sys.stderr.write(f"batchpool: could not save the job's output: {exc}\n")
         _put_marker(store, store.end_key(chunk, attempt), end, secret)
 
 
