@@ -39,7 +39,7 @@ from batchpool.recovery import (
     check_client_gone,
     create_run,
     earlier_outcomes,
-    find_run,
+    find_runs_named,
     forget_secret,
     load_secret,
     mark_reopened,
@@ -418,9 +418,8 @@ class BatchPoolExecutor(cf.Executor):
         ``BatchPoolExecutor`` arguments (``max_workers``, ``cleanup_bucket``, ...).
         """
         fs, root = open_storage(storage, storage_options)
-        store = find_run(fs, root, name) if name else Store(fs, root)
         # Everything below is read from documents that carry the run's signature.
-        reopened = reopen(store, load_secret(store.url, secret))
+        reopened = _reopen_named(fs, root, name, secret)
         reopened.how = "attach"
         manifest = reopened.manifest
         check_client_gone(reopened.view, force)
@@ -851,6 +850,24 @@ def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
             raise _MapTimeout("map() did not finish within its timeout") from None
     finally:
         del future
+
+
+def _reopen_named(fs: Any, root: str, name: str | None, secret: str | bytes | None) -> Reopened:
+    """The run ``attach`` takes over: the folder ``root`` (no name), the run whose id is
+    ``name``, or the newest run called ``name`` whose manifest carries its signature (a
+    folder that only says it has that name is passed over)."""
+    if not name:
+        store = Store(fs, root)
+        return reopen(store, load_secret(store.url, secret))
+    candidates = find_runs_named(fs, root, name)
+    first_error: Exception | None = None
+    for store in candidates:
+        try:
+            return reopen(store, load_secret(store.url, secret))
+        except BatchPoolError as exc:  # not this user's run, or not a run it can read
+            first_error = first_error or exc
+    assert first_error is not None  # find_runs_named found at least one
+    raise first_error
 
 
 def _backend_from_manifest(manifest: Manifest, max_workers: int | None) -> Backend:

@@ -173,12 +173,14 @@ def run_folder(name: str) -> str:
     return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
-def find_run(fs: Any, root: str, name: str) -> Store:
-    """The run called ``name`` under ``root``: the folder ``root/name`` when it is a run
-    (a run id), else the newest run whose manifest records exactly that name."""
+def find_runs_named(fs: Any, root: str, name: str) -> list[Store]:
+    """The runs ``name`` may mean under ``root``, the likeliest first: the folder
+    ``root/name`` when it is a run (a run id), else the runs whose manifests record
+    exactly that name, newest first. Manifests are read unverified here: the caller
+    keeps the first that carries its run's signature."""
     exact = Store(fs, f"{root}/{name}")
     if "/" not in name and exact.exists(Store.MANIFEST):
-        return exact
+        return [exact]
     slug = run_slug(name)
     named = []
     for run in find_runs((fs, root)):  # in folder order: a name's runs oldest first
@@ -190,7 +192,7 @@ def find_run(fs: Any, root: str, name: str) -> Store:
         except (FileNotFoundError, ValueError):
             continue  # not a readable run: not the one
     if named:
-        return named[-1]
+        return named[::-1]
     url = Store(fs, root).url
     raise FileNotFoundError(
         f"no run named {name!r} in {url}: `batchpool runs {url}` lists the runs there "
@@ -422,6 +424,12 @@ def reopen(store: Store, secret: bytes) -> Reopened:
             f"cannot reopen the run at {store.url}: {why}. Either the secret is not this "
             "run's, or the manifest was changed by someone without it: a run is continued "
             "only from a manifest it signed itself"
+        )
+    if view.manifest.run_id != view.folder:
+        raise IntegrityError(
+            f"the manifest in {store.url} is that of run {view.manifest.run_id!r}, not of "
+            f"the folder {view.folder!r}: a run is reopened only in its own folder (move "
+            "it back, or attach to the original)"
         )
     for problem in view.problems:
         log.warning("batchpool: reopening %s: %s", store.url, problem)
