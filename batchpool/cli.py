@@ -1,9 +1,11 @@
 """The ``batchpool`` command: list, inspect, cancel and clean runs, from their storage.
 
 Every subcommand reads the run's store (see ``store.py``) through ``runs.py``;
-``status`` and ``cancel`` also ask the engine recorded in the run's manifest
-when its job ids outlive the client (Slurm, SGE). Nothing here needs the run's
-secret, so the command works from any machine that reaches the storage.
+``status`` and ``cancel`` also ask the engine named in the run's manifest when
+its job ids outlive the client (Slurm, SGE), made here from its name alone. The
+command works from any machine that reaches the storage; where the run's secret
+is at hand it checks signatures, and ``cancel`` acts on the engine and on local
+workers only then (see README "Security").
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What a run is and how its jobs are doing, read from the store alone.
 
 The executor writes, and ``batchpool`` (the CLI) and ``BatchPoolExecutor.attach``
-read, the run's JSON objects (see ``store.py`` for the layout): the manifest,
-the client's journal in ``jobs/``, and the workers' ``events/`` markers. Nothing
-here needs the run's secret or unpickles anything, so it works from any machine
-that reaches the storage.
+read, the run's JSON documents (``documents.py``; ``store.py`` for the layout):
+the manifest, the client's journal in ``jobs/``, and the workers' ``events/``
+markers. Nothing here unpickles anything, and the secret is optional: without it
+a run is read from any machine that reaches the storage, to be shown; with it,
+only what carries the run's signature is read, to be acted on.
 
 A job (one chunk, over its attempts) is in one of Hail Batch's states
 (``JOB_STATES``), derived from the newest evidence:

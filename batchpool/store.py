@@ -18,18 +18,23 @@ This module is the only place that knows where things live::
 
 Chunk ids start with a zero-padded sequence number, so listing ``chunks/`` gives
 the calls in the order they were submitted. Only ``chunks/`` and ``results/``
-hold pickles; everything a person or the CLI reads is JSON or text and needs no
-secret.
+hold pickles (signed frames); everything a person or the CLI reads is JSON or
+text that needs no secret to read, and the JSON documents but ``cancel.json``
+are signed too (``documents.py``). ``parse_key`` tells a key of this layout from
+a stray object, and ``layout_problem`` a run's folder from any other.
 
 Every write is atomic: on filesystems with rename (local disks, NFS mounts) the
 bytes go to a temporary name in the same folder and are renamed into place; on
 object stores one PUT (or one completed multipart upload) is all-or-nothing.
+``create_new`` writes only where nothing is (a run's manifest, so that creating a
+run is exclusive).
 
 Every operation is retried with exponential backoff and jitter, within a
 deadline, when it fails in a way that passes (a connection reset, a timeout,
 HTTP 408, 429 or 5xx, as gcsfs, s3fs, aiohttp and botocore report them). Any
 other failure is raised at once as a ``StorageError`` naming the operation and
-the URL; a missing object stays a ``FileNotFoundError``, which callers expect.
+the URL; a missing object stays a ``FileNotFoundError``, which callers expect,
+except on a write, where it means the run's folder is gone.
 Writes are whole-object and idempotent, so a retried write cannot corrupt one.
 """
 

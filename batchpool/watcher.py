@@ -45,6 +45,7 @@ from batchpool.errors import (
 from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord
 from batchpool.processes import is_our_worker
 from batchpool.runs import Usage
+from batchpool.safetext import printable
 from batchpool.serialization import (
     Group,
     Serializer,
@@ -672,8 +673,9 @@ class Watcher:
         lines = text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:]
         if not lines:
             return
+        # Printed with the traceback: escape sequences in the log are shown, not obeyed.
         note = f"Last lines of the job's log ({self.store.path(log_key)}):\n" + "\n".join(
-            "    " + line for line in lines
+            "    " + printable(line, one_line=True) for line in lines
         )
         for exc in failures:
             add_note = getattr(exc, "add_note", None)  # Python 3.11+

@@ -16,7 +16,7 @@ calls. So:
   never fail the task);
 - when a worker dies, the scheduler runs the task again elsewhere (up to its
   ``distributed.scheduler.allowed-failures``) before it gives up with
-  ``KilledWorker``. A task marks its start in ``events/<chunk>.<attempt>.json``;
+  ``KilledWorker``. A task marks its start in ``events/<chunk>.<attempt>.start``;
   a task that finds the mark of an earlier run of the same attempt and no
   result does not run the calls again: it fails at once as lost, and batchpool
   counts one lost attempt. (A cluster this backend starts itself sets
