@@ -1,0 +1,774 @@
+"""Attacks by someone who can write a run's store but does not hold its secret.
+
+Each test forges what such a writer can write (the manifest, the client's journal, the
+workers' markers, logs, stray files), then uses the run through the public API or the
+``batchpool`` command, and shows that the forgery changed nothing that matters: no
+program ran, no process was signalled, no environment was chosen, nothing outside the
+run was deleted, and the payload never ran. The threat model is in the README
+("Security").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from batchpool import BatchPoolError, BatchPoolExecutor, IntegrityError
+from batchpool import cli as batchpool_cli
+from batchpool.backends.base import JobSpec, Resources
+from batchpool.backends.sge import SGEBackend
+from batchpool.backends.slurm import SlurmBackend
+from batchpool.documents import StartMarker, encode
+from batchpool.processes import boot_id, process_started
+from batchpool.recovery import load_secret
+from batchpool.serialization import SECRET_ENV, seal
+from batchpool.store import STORE_ENV, Store
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+# -- calls -----------------------------------------------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def wait_for_gate(gate: str) -> str:
+    deadline = time.monotonic() + 300
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "opened"
+
+
+class Payload:
+    """What an attacker's pickle does when it is loaded: leave a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchpool", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def cli_here(*args: str) -> tuple[int, str, str]:
+    """The command run in this process (fast, for many malformed inputs): its exit code,
+    stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = batchpool_cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def without_secret(tmp_path: Path) -> dict[str, str]:
+    """An environment in which the run's secret is not found (another machine)."""
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    env["XDG_DATA_HOME"] = str(tmp_path / "another-machine")
+    return env
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, document: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document))
+
+
+def pool_workers() -> list[int]:
+    """The local pool workers that are children of this process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat_line.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"batchpool.worker" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def finished_run(storage: Path, name: str = "done") -> Path:
+    with BatchPoolExecutor(
+        name=name, storage=str(storage), cleanup_bucket=False, max_workers=1
+    ) as bpe:
+        assert bpe.submit(square, 3).result(timeout=60) == 9
+        return Path(bpe.run_url)
+
+
+DEAD_CLIENT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from batchpool import BatchPoolExecutor
+from test_trust import square, wait_for_gate
+
+bpe = BatchPoolExecutor(name="dead", storage=sys.argv[1], cleanup_bucket=False, max_workers=1)
+bpe.submit(wait_for_gate, sys.argv[2])
+for i in range(3):
+    bpe.submit(square, i)
+print(bpe.run_url, flush=True)
+time.sleep(600)
+"""
+
+
+@dataclass
+class DeadRun:
+    """A run whose client was SIGKILLed while its first job ran (blocked on a gate)."""
+
+    storage: Path
+    url: Path
+    gate: Path
+    first_chunk: str
+    worker_pid: int
+
+    def start_marker(self) -> Path:
+        return self.url / "events" / f"{self.first_chunk}.1.start"
+
+
+def start_dead_run(tmp_path: Path, *, kill_worker: bool) -> DeadRun:
+    storage, gate = tmp_path / "runs", tmp_path / "gate"
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(DEAD_CLIENT.format(tests=str(TESTS))))
+    client = subprocess.Popen(
+        [sys.executable, str(script), str(storage), str(gate)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None
+        url = Path(client.stdout.readline().strip())
+        deadline = time.monotonic() + 60
+        while True:
+            starts = sorted((url / "events").glob("*.1.start")) if url.name else []
+            if starts:
+                break
+            assert time.monotonic() < deadline, "the dead client's first job never started"
+            time.sleep(0.02)
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    marker = read_json(starts[0])
+    if kill_worker:
+        os.kill(marker["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_started(marker["pid"]) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    return DeadRun(storage, url, gate, marker["chunk"], marker["pid"])
+
+
+@pytest.fixture
+def dead_run(tmp_path: Path) -> Iterator[DeadRun]:
+    run = start_dead_run(tmp_path, kill_worker=True)
+    yield run
+    run.gate.touch()
+
+
+@pytest.fixture
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of this user that no batchpool command may signal."""
+    proc = subprocess.Popen(["sleep", "120"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def victim_marker(run: DeadRun, victim: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """A start marker for the dead run's first chunk that names ``victim``, with all that
+    anyone on the host can read of it."""
+    return {
+        "chunk": run.first_chunk,
+        "attempt": 1,
+        "host": os.uname()[1],
+        "pid": victim.pid,
+        "pid_started": process_started(victim.pid),
+        "boot_id": boot_id(),
+        "worker": "0" * 32,
+        "started": time.time(),
+    }
+
+
+def sign(run_url: Path, key: str, document: dict[str, Any], kind: type[Any]) -> None:
+    """Write a document signed with the run's own secret, as a batchpool worker would:
+    what a process that holds the secret can write (a forger cannot)."""
+    from batchpool.documents import build
+
+    secret = load_secret(str(run_url))
+    (run_url / key).write_bytes(encode(build(kind, document), key, secret))
+
+
+# -- a forged manifest -----------------------------------------------------------------------------
+
+
+def forge_attack_manifest(run_url: Path, tmp_path: Path) -> dict[str, Path]:
+    """The manifest attack of the issue: job options whose env names another store and a
+    secret the attacker chose (holding a pickle signed with it), bash setup lines,
+    24 workers, and a Slurm backend whose commands and PATH are the attacker's."""
+    pwned = {name: tmp_path / f"pwned-{name}" for name in ("pickle", "setup", "command", "path")}
+    attacker_root = tmp_path / "attacker-store"
+    attacker = Store(LocalFileSystem(), str(attacker_root))
+    attacker.create()
+    attacker_secret = b"\x01" * 32
+    bin_dir = run_url / "logs" / "bin"
+    bin_dir.mkdir(parents=True)
+    for command in ("squeue", "sacct", "sinfo", "scancel", "scontrol"):
+        script = bin_dir / command
+        script.write_text(f"#!/bin/sh\ntouch {pwned['path']}\n")
+        script.chmod(0o755)
+    manifest = read_json(run_url / "manifest.json")
+    settings = manifest["settings"]
+    settings["max_workers"] = 24
+    options = settings["job_options"]
+    options["env"] = [
+        [STORE_ENV, attacker.spec()],
+        [SECRET_ENV, attacker_secret.hex()],
+        ["PATH", str(bin_dir)],
+    ]
+    options["setup"] = [f"touch {pwned['setup']}"]
+    manifest["backend"] = {
+        "name": "slurm",
+        "options": {"scancel": "/usr/bin/touch", "squeue": str(bin_dir / "squeue")},
+        "environment": {"PATH": str(bin_dir)},
+    }
+    write_json(run_url / "manifest.json", manifest)  # its old signature no longer matches
+    for chunk in (run_url / "chunks").iterdir():  # the attacker's calls, signed for its store
+        key = f"chunks/{chunk.name}"
+        attacker.put(key, seal(attacker_secret, key, b"not even a chunk"))
+    # and a journal entry whose job id is a path for `scancel=/usr/bin/touch`
+    write_json(
+        run_url / "jobs" / "00000090.json",
+        {
+            "time": time.time(),
+            "handed": [
+                {
+                    "chunk": next((run_url / "chunks").iterdir()).name.removesuffix(".in"),
+                    "attempt": 1,
+                    "job_id": str(pwned["command"]),
+                    "calls": 1,
+                }
+            ],
+        },
+    )
+    return pwned
+
+
+def test_attach_refuses_a_manifest_the_run_did_not_sign(dead_run: DeadRun, tmp_path: Path) -> None:
+    pwned = forge_attack_manifest(dead_run.url, tmp_path)
+    before = pool_workers()
+    with pytest.raises(IntegrityError, match="does not carry this run's signature"):
+        BatchPoolExecutor.attach(str(dead_run.storage), dead_run.url.name)
+    time.sleep(1.0)  # anything started would have left its file by now
+    assert [path for path in pwned.values() if path.exists()] == []
+    assert pool_workers() == before  # not 24 workers, not one
+
+
+def test_attach_refuses_a_manifest_without_a_signature(dead_run: DeadRun) -> None:
+    manifest = read_json(dead_run.url / "manifest.json")
+    del manifest["mac"]
+    manifest["settings"]["max_workers"] = 24
+    write_json(dead_run.url / "manifest.json", manifest)
+    with pytest.raises(IntegrityError, match="carries no signature"):
+        BatchPoolExecutor.attach(str(dead_run.storage), dead_run.url.name)
+
+
+def test_the_command_runs_no_program_the_store_names(dead_run: DeadRun, tmp_path: Path) -> None:
+    pwned = forge_attack_manifest(dead_run.url, tmp_path)
+    for env in (None, without_secret(tmp_path)):
+        for command in ("status", "cancel"):
+            result = cli(command, str(dead_run.url), env=env)
+            assert "Traceback" not in result.stderr, result.stderr
+        result = cli("clean", str(dead_run.url), "--dry-run", env=env)
+        assert "Traceback" not in result.stderr, result.stderr
+    time.sleep(0.5)
+    assert [path for path in pwned.values() if path.exists()] == []
+
+
+def test_a_job_environment_never_loses_the_store_and_the_secret() -> None:
+    with pytest.raises(ValueError, match="BATCHPOOL_"):
+        Resources().replace(env={STORE_ENV: "elsewhere"})
+    with pytest.raises(ValueError, match="not an environment variable name"):
+        Resources().replace(env={"A=B": "x"})
+    # Even resources made without that check cannot override them.
+    forged = Resources(env=((STORE_ENV, "elsewhere"), (SECRET_ENV, "00"), ("OTHER", "kept")))
+    spec = JobSpec("job", (), env={STORE_ENV: "ours", SECRET_ENV: "ff"}, resources=forged)
+    assert spec.environment() == {STORE_ENV: "ours", SECRET_ENV: "ff", "OTHER": "kept"}
+
+
+def test_job_ids_reach_no_engine_command_unless_they_are_the_engines_own(tmp_path: Path) -> None:
+    """``--user=alice`` would make ``scancel`` cancel every job of alice."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "engine-command"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {ran}\n')
+    script.chmod(0o755)
+    slurm = SlurmBackend(scancel=str(script), squeue=str(script), log_dir=tmp_path)
+    sge = SGEBackend(qdel=str(script), qstat=str(script), log_dir=str(tmp_path))
+    for bad in ("--user=alice", "-u alice", "12_3\n", "12_3 --me", "١٢_٣", "", "12.3.4"):
+        with pytest.raises(ValueError):
+            slurm.cancel([bad])
+        with pytest.raises(ValueError):
+            slurm.status([bad])
+        with pytest.raises(ValueError):
+            sge.cancel([bad])
+        with pytest.raises(ValueError):
+            SGEBackend.check_job_id(bad)
+    assert not ran.exists()
+    slurm.cancel(["12_3"])  # the engine's own form passes
+    sge.cancel(["12.3"])
+    assert ran.read_text().split("\n")[:2] == ["12_3", "12 -t 3"]
+
+
+# -- forged markers: signals and waits -------------------------------------------------------------
+
+
+def test_cancel_signals_no_process_a_forged_marker_names(
+    dead_run: DeadRun, victim: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    write_json(dead_run.start_marker(), victim_marker(dead_run, victim))  # unsigned
+    for env in (None, without_secret(tmp_path)):
+        result = cli("cancel", str(dead_run.url), env=env)
+        assert result.returncode in (0, 1), result.stderr
+        assert "sent SIGTERM" not in result.stdout
+        time.sleep(0.2)
+        assert victim.poll() is None, "the victim was signalled"
+    # Even a marker signed with the run's secret (a real worker's, whose pid was reused
+    # by another process since) does not make a process a batchpool worker.
+    key = f"events/{dead_run.first_chunk}.1.start"
+    sign(dead_run.url, key, victim_marker(dead_run, victim), StartMarker)
+    result = cli("cancel", str(dead_run.url))
+    assert "is not the batchpool worker that started it" in result.stdout, result.stdout
+    time.sleep(0.2)
+    assert victim.poll() is None
+
+
+def test_attach_does_not_wait_on_a_process_a_marker_names(
+    dead_run: DeadRun, victim: subprocess.Popen[bytes]
+) -> None:
+    key = f"events/{dead_run.first_chunk}.1.start"
+    sign(dead_run.url, key, victim_marker(dead_run, victim), StartMarker)
+    dead_run.gate.touch()
+    started = time.monotonic()
+    with BatchPoolExecutor.attach(str(dead_run.storage), dead_run.url.name) as bpe:
+        results = [f.result(timeout=60) for f in bpe.futures]
+    assert results == ["opened", 0, 1, 4]
+    assert time.monotonic() - started < 60  # the victim sleeps 120 s
+    assert victim.poll() is None
+
+
+def test_attach_waits_for_a_real_orphan_only_until_its_grace_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = start_dead_run(tmp_path, kill_worker=False)  # the worker lives, blocked on the gate
+    try:
+        monkeypatch.setenv("BATCHPOOL_ORPHAN_GRACE", "2")
+        started = time.monotonic()
+        with BatchPoolExecutor.attach(str(run.storage), run.url.name) as bpe:
+            # The orphan is provably ours: killed when its grace ends, then run again.
+            deadline = time.monotonic() + 30
+            while process_started(run.worker_pid) is not None:
+                assert time.monotonic() < deadline, "the orphan was waited on past its grace"
+                time.sleep(0.05)
+            waited = time.monotonic() - started
+            run.gate.touch()
+            assert [f.result(timeout=60) for f in bpe.futures] == ["opened", 0, 1, 4]
+        assert 1.5 <= waited < 30
+    finally:
+        run.gate.touch()
+        if process_started(run.worker_pid) is not None:
+            os.kill(run.worker_pid, signal.SIGKILL)
+
+
+# -- clean deletes only batchpool runs -------------------------------------------------------------
+
+
+def test_clean_leaves_folders_that_are_not_runs_alone(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    run = finished_run(storage, "mine")
+    webapp = storage / "webapp"
+    write_json(webapp / "manifest.json", {"name": "webapp", "created": "2020-01-01T00:00:00"})
+    (webapp / "index.html").write_text("<h1>keep me</h1>")
+    # A run's own format and layout, with something else in it.
+    lookalike = storage / "lookalike"
+    lookalike.mkdir()
+    (lookalike / "manifest.json").write_text((run / "manifest.json").read_text())
+    (lookalike / "notes.txt").write_text("mine")
+    # A link to a run, and a manifest that names another folder.
+    (storage / "link").symlink_to(run)
+    result = cli("clean", str(storage), "--older-than", "0s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"deleted {run} (" in result.stdout
+    assert (webapp / "index.html").exists() and (lookalike / "notes.txt").exists()
+    assert (storage / "link").is_symlink() and f"deleted {storage / 'link'}" not in result.stdout
+    for folder in ("webapp", "lookalike"):
+        assert f"left alone {storage / folder}: it is not a batchpool run" in result.stdout
+
+
+def test_clean_refuses_a_project_folder_with_its_own_manifest(tmp_path: Path) -> None:
+    project = tmp_path / "my-project"
+    write_json(project / "manifest.json", {"name": "my-project", "created": "2020-01-01"})
+    (project / "src.py").write_text("print('precious')")
+    result = cli("clean", str(project))
+    assert result.returncode == 2
+    assert "is not a batchpool run" in result.stderr and "Traceback" not in result.stderr
+    assert (project / "src.py").exists()
+
+
+def test_clean_and_cancel_need_the_whole_name(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    run = finished_run(storage, "mine")
+    for command in ("clean", "cancel"):
+        result = cli(command, str(storage / "m"))
+        assert result.returncode == 2, result.stdout
+        assert f"only the start of the id of 1 run ({run.name})" in result.stderr
+    assert run.exists()
+    # A command that only reads takes a unique prefix, and says so.
+    result = cli("status", str(storage / "m"))
+    assert result.returncode == 0, result.stderr
+    assert f"'m' taken as the start of the id of run {run.name}" in result.stderr
+    # The name the run was given, exactly, is enough.
+    result = cli("clean", str(storage / "mine"))
+    assert result.returncode == 0, result.stderr
+    assert not run.exists()
+
+
+# -- malformed documents ---------------------------------------------------------------------------
+
+
+BAD_JSON: dict[str, bytes] = {
+    "not json": b"{this is not json",
+    "a string": b'"just a string"',
+    "a list": b"[1, 2, 3]",
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "wrong types": b'{"chunk": 1, "attempt": "one", "time": "now", "format": 2}',
+    "huge number": b'{"attempt": 1' + b"0" * 5000 + b', "time": 1e999}',
+    "null": b"null",
+    "truncated": b'{"chunk": "00000000-0123456789ab", "att',
+    "too big": b'{"host": "' + b"x" * (2 << 20) + b'"}',
+    "binary": bytes(range(256)),
+}
+
+
+def corrupt(run: Path, which: str, data: bytes) -> None:
+    chunk = sorted((run / "chunks").iterdir())[0].name.removesuffix(".in")
+    paths = {
+        "manifest": run / "manifest.json",
+        "journal": sorted((run / "jobs").iterdir())[0],
+        "start": run / "events" / f"{chunk}.1.start",
+        "end": run / "events" / f"{chunk}.1.end",
+        "cancel": run / "cancel.json",
+    }
+    paths[which].write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    storage = tmp_path_factory.mktemp("pristine")
+    finished_run(storage, "good")
+    finished_run(storage, "bad")
+    return storage
+
+
+@pytest.mark.parametrize("which", ["manifest", "journal", "start", "end", "cancel"])
+def test_malformed_documents_never_crash_the_command(
+    pristine: Path, tmp_path: Path, which: str
+) -> None:
+    import shutil
+
+    for how, data in BAD_JSON.items():
+        storage = tmp_path / how.replace(" ", "-")
+        shutil.copytree(pristine, storage, symlinks=True)
+        good, bad = sorted(storage.iterdir())[1], sorted(storage.iterdir())[0]
+        assert good.name.startswith("good") and bad.name.startswith("bad")
+        corrupt(bad, which, data)
+        for args in (
+            ["runs", str(storage)],
+            ["runs", str(storage), "--json"],
+            ["status", str(bad)],
+            ["status", str(bad), "--json"],
+            ["logs", str(bad)],
+            ["clean", str(storage), "--older-than", "100w", "--dry-run"],
+        ):
+            code, out, err = cli_here(*args)
+            context = f"{which}={how}: batchpool {' '.join(args[:1])}: {code} {err[-500:]}"
+            assert code in (0, 1), context
+            assert "Traceback" not in err and "failed:" not in err, context
+            if args[0] == "runs":
+                assert good.name in out, context  # the other run is still listed
+        code, out, err = cli_here("status", str(bad))
+        assert code == 1 and "problem" in out, f"{which}={how}: {out}"
+
+
+@pytest.mark.parametrize("which", ["journal", "start", "end", "cancel", "stray"])
+def test_attach_skips_what_it_cannot_read(tmp_path: Path, which: str) -> None:
+    run = finished_run(tmp_path, "damaged")
+    if which == "stray":
+        (run / "chunks" / "notes.txt").write_text("a person's notes")
+        (run / "results" / "garbage").write_bytes(b"\x00")
+    else:
+        corrupt(run, which, BAD_JSON["wrong types"])
+    with BatchPoolExecutor.attach(str(tmp_path), run.name) as bpe:
+        assert [f.result(timeout=60) for f in bpe.futures] == [9]
+
+
+def test_attach_explains_a_damaged_manifest(tmp_path: Path) -> None:
+    run = finished_run(tmp_path, "damaged")
+    for data in BAD_JSON.values():
+        corrupt(run, "manifest", data)
+        with pytest.raises(BatchPoolError, match="cannot reopen the run") as caught:
+            BatchPoolExecutor.attach(str(tmp_path), run.name)
+        assert "manifest.json" in str(caught.value)
+
+
+# -- text from the store on a terminal -------------------------------------------------------------
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\u202etxt.exe\r"
+
+
+def test_store_text_is_escaped_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    run = finished_run(tmp_path, "loud")
+    chunk = sorted((run / "chunks").iterdir())[0].name.removesuffix(".in")
+    (run / "logs" / f"{chunk}.1.log").write_text(f"printed {ESCAPES}\nnext line\n")
+    end = read_json(run / "events" / f"{chunk}.1.end")
+    end["error"] = f"boom {ESCAPES}"
+    write_json(run / "events" / f"{chunk}.1.end", end)  # shown only without the secret
+    env = without_secret(tmp_path)
+
+    def on_terminal(*args: str) -> bytes:
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchpool", *args],
+            cwd=REPO,
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+            env=env,
+        )
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            output += data
+        proc.wait(timeout=60)
+        os.close(leader)
+        return output
+
+    for args in (("logs", str(run)), ("status", str(run))):
+        shown = on_terminal(*args)
+        assert b"\x1b" not in shown and b"\x07" not in shown, shown
+        assert "\u202e".encode() not in shown
+        assert b"\\x1b" in shown
+    # To a file or a pipe, a log is the job's own bytes.
+    piped = cli("logs", str(run), env=env)
+    assert ESCAPES.replace("\r", "") in piped.stdout.replace("\r", "")
+
+
+# -- resume: exact names, one creator, private secrets ---------------------------------------------
+
+
+def test_resume_names_keep_their_identity(tmp_path: Path) -> None:
+    names = ["データ", "模型", "a/b", "a b", "exp 1", "exp?1", "exp-1", "run", ""]
+    urls = {}
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        with BatchPoolExecutor(name=name, resume=True, storage=str(tmp_path)) as bpe:
+            assert bpe.submit(square, i).result(timeout=60) == i * i
+            urls[name] = bpe.run_url
+    assert len(set(urls.values())) == len(urls), urls  # no two names share a run
+    assert urls["exp-1"].endswith("/exp-1") and urls["run"].endswith("/run")
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        with BatchPoolExecutor(name=name, resume=True, storage=str(tmp_path)) as bpe:
+            assert bpe.run_url == urls[name]
+            again = bpe.submit(square, i)
+            assert again.result(timeout=60) == i * i and again.job is None  # not run again
+
+
+def test_a_folder_that_holds_another_names_run_is_refused(tmp_path: Path) -> None:
+    with BatchPoolExecutor(name="exp 1", resume=True, storage=str(tmp_path)) as bpe:
+        folder = Path(bpe.run_url).name
+    assert folder.startswith("exp-1-")
+    with pytest.raises(BatchPoolError, match="holds the run named 'exp 1'"):
+        BatchPoolExecutor(name=folder, resume=True, storage=str(tmp_path))
+
+
+def test_sessions_that_resume_at_the_same_moment_create_one_run(tmp_path: Path) -> None:
+    import threading
+
+    def session(
+        name: str,
+        barrier: threading.Barrier,
+        opened: list[BatchPoolExecutor],
+        refused: list[BaseException],
+    ) -> None:
+        barrier.wait()
+        try:
+            opened.append(BatchPoolExecutor(name=name, resume=True, storage=str(tmp_path)))
+        except BaseException as exc:  # every outcome is counted
+            refused.append(exc)
+
+    for trial in range(3):
+        name = f"race-{trial}"
+        barrier = threading.Barrier(6)
+        opened: list[BatchPoolExecutor] = []
+        refused: list[BaseException] = []
+        args = (name, barrier, opened, refused)
+        threads = [threading.Thread(target=session, args=args) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(opened) == 1, (opened, refused)
+        assert len(refused) == 5 and all(
+            isinstance(e, BatchPoolError) and "open in another session" in str(e) for e in refused
+        ), refused
+        [bpe] = opened
+        assert bpe.submit(square, 4).result(timeout=60) == 16
+        bpe.shutdown()
+        with BatchPoolExecutor(name=name, resume=True, storage=str(tmp_path)) as again:
+            assert again.submit(square, 4).result(timeout=60) == 16  # its secret is right
+
+
+RACER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from batchpool import BatchPoolError, BatchPoolExecutor
+while time.time() < float(sys.argv[2]):
+    pass
+try:
+    bpe = BatchPoolExecutor(name="racers", resume=True, storage=sys.argv[1])
+except BatchPoolError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(0)
+print("opened", flush=True)
+time.sleep(5)
+bpe.shutdown()
+"""
+
+
+def test_processes_that_resume_at_the_same_moment_create_one_run(tmp_path: Path) -> None:
+    script = tmp_path / "racer.py"
+    script.write_text(textwrap.dedent(RACER.format(tests=str(TESTS))))
+    start = str(time.time() + 3)  # all start their session at once, after importing
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "runs"), start],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [racer.communicate(timeout=90)[0] for racer in racers]
+    assert sorted(out.split(":")[0].strip() for out in outputs) == ["opened", "refused", "refused"]
+    assert all("open in another session" in out for out in outputs if out.startswith("refused"))
+    with BatchPoolExecutor(name="racers", resume=True, storage=str(tmp_path / "runs")) as bpe:
+        assert bpe.submit(square, 2).result(timeout=60) == 4
+
+
+def test_secret_files_must_be_private_and_this_users(tmp_path: Path) -> None:
+    from batchpool.recovery import secret_file
+
+    run = finished_run(tmp_path, "private")
+    path = secret_file(str(run))
+    assert path.stat().st_mode & 0o777 == 0o600
+    for change in ("world-readable", "another owner", "a link"):
+        saved = path.read_bytes()
+        if change == "world-readable":
+            path.chmod(0o644)
+        elif change == "another owner":
+            os.chown(path, 65534, 65534)
+        else:
+            path.unlink()
+            (tmp_path / "elsewhere").write_bytes(saved)
+            path.symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(BatchPoolError, match=r"secret file .* (not private|cannot be read)"):
+            BatchPoolExecutor.attach(str(tmp_path), run.name)
+        result = cli("status", str(run))
+        assert result.returncode == 2 and "secret file" in result.stderr, result.stderr
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, saved)
+        os.close(fd)
+    with BatchPoolExecutor.attach(str(tmp_path), run.name) as bpe:
+        assert [f.result(timeout=60) for f in bpe.futures] == [9]
+
+
+def test_a_new_run_never_writes_its_secret_into_a_file_left_there(tmp_path: Path) -> None:
+    from batchpool.recovery import secret_file
+
+    with BatchPoolExecutor(name="again", resume=True, storage=str(tmp_path)) as bpe:
+        url = bpe.run_url
+    path = secret_file(url)
+    import shutil
+
+    shutil.rmtree(url)  # deleted by hand: its secret file stays
+    path.chmod(0o644)
+    stale = path.read_text()
+    with BatchPoolExecutor(name="again", resume=True, storage=str(tmp_path)) as bpe:
+        assert bpe.submit(square, 5).result(timeout=60) == 25
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() != stale
+    # A link planted where the secret goes is replaced, not written through.
+    shutil.rmtree(url)
+    target = tmp_path / "target"
+    target.write_text("someone else's file")
+    path.unlink()
+    path.symlink_to(target)
+    with BatchPoolExecutor(name="again", resume=True, storage=str(tmp_path)) as bpe:
+        assert bpe.submit(square, 6).result(timeout=60) == 36
+    assert target.read_text() == "someone else's file" and not path.is_symlink()
+
+
+def test_attach_by_name_passes_over_folders_that_only_claim_the_name(tmp_path: Path) -> None:
+    import shutil
+
+    run = finished_run(tmp_path, "nightly")
+    # Newer by its folder's name, and a byte-for-byte copy of the run, signatures and all.
+    clone = tmp_path / "nightly-99991231-235959-00000000"
+    shutil.copytree(run, clone)
+    assert load_secret(str(run)) and (clone / "manifest.json").exists()
+    with BatchPoolExecutor.attach(str(tmp_path), "nightly") as bpe:
+        assert bpe.run_url == str(run)
+        assert [f.result(timeout=60) for f in bpe.futures] == [9]
+    # Even with the run's secret given, a copy is not taken for the run.
+    with pytest.raises(IntegrityError, match="reopened only in its own folder"):
+        BatchPoolExecutor.attach(str(tmp_path), clone.name, secret=load_secret(str(run)))
