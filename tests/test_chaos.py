@@ -1,0 +1,218 @@
+"""Workers killed from outside, before they are ready or while they run jobs: the pool
+keeps going, and only workers that cannot start at all make calls fail.
+
+Everything here runs on real local worker processes with the run in ``tmp_path``; the
+workers are found in /proc (children of this process running ``batchpool.worker
+--serve``) and killed with SIGKILL, as the out-of-memory killer or ``kill -9`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
+
+#: A worker this young (seconds) has surely not reported ready: python alone takes ~100 ms
+#: to import batchpool.worker.
+FRESH = 0.05
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- functions the workers run -------------------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def square_slowly(x: int) -> int:
+    time.sleep(0.002)
+    return x * x
+
+
+# -- finding and killing the pool's workers ------------------------------------------------
+
+
+def pool_workers() -> dict[int, float]:
+    """The live worker processes of this process's pools: pid -> age in seconds."""
+    me = str(os.getpid()).encode()
+    with open("/proc/uptime", "rb") as f:
+        uptime = float(f.read().split()[0])
+    workers: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        # After the command name, which may hold spaces: state, ppid, ..., start time (22).
+        fields = stat.rsplit(b")", 1)[-1].split()
+        if fields[0] in (b"Z", b"X") or fields[1] != me:
+            continue
+        if b"batchpool.worker" in argv and b"--serve" in argv:
+            workers[int(entry.name)] = uptime - int(fields[19]) / CLOCK_TICKS
+    return workers
+
+
+def sigkill(pid: int) -> bool:
+    """Kill ``pid``; False if it had ended already."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_fresh_workers(wanted: int, deadline: float, stop: Callable[[], bool]) -> tuple[int, int]:
+    """SIGKILL every new pool worker the moment it appears, until ``wanted`` of them were
+    killed while younger than FRESH (so before they were ready), ``deadline`` passes or
+    ``stop()`` is true. Returns ``(killed while fresh, killed in all)``."""
+    seen: set[int] = set()
+    fresh = killed = 0
+    while fresh < wanted and time.monotonic() < deadline and not stop():
+        for pid, age in pool_workers().items():
+            if pid in seen:
+                continue
+            seen.add(pid)
+            if sigkill(pid):
+                killed += 1
+                fresh += age < FRESH
+        time.sleep(0.001)
+    return fresh, killed
+
+
+class Chaos(threading.Thread):
+    """SIGKILLs a random live pool worker every ``period`` seconds for ``duration``."""
+
+    def __init__(self, period: float, duration: float, seed: int) -> None:
+        super().__init__(name="chaos", daemon=True)
+        self.period = period
+        self.duration = duration
+        self.random = random.Random(seed)
+        self.kills = 0
+
+    def run(self) -> None:
+        end = time.monotonic() + self.duration
+        while time.monotonic() < end:
+            workers = sorted(pool_workers())
+            if workers and sigkill(self.random.choice(workers)):
+                self.kills += 1
+            time.sleep(self.period)
+
+
+def assert_pool_works(ex: BatchPoolExecutor, n: int) -> None:
+    assert ex.submit(square, 12).result(timeout=60) == 144
+    results = list(ex.map(square, range(n), chunksize=10, timeout=60))
+    assert results == [x * x for x in range(n)]
+
+
+# -- workers killed before they are ready --------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_killing_fresh_workers_before_they_are_ready_does_not_break_the_pool(
+    tmp_path: Path,
+) -> None:
+    """Before the pool told kills from failures to start, three workers killed before
+    they were ready made every later call fail with "local worker processes ... exit
+    before they are ready"."""
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as ex:
+        future = ex.submit(square, 7)  # starts the pool; the call waits for a ready worker
+        # Stop early if the call fails: its error then says why the pool gave up.
+        fresh, killed = kill_fresh_workers(6, time.monotonic() + 20, stop=future.done)
+        assert future.result(timeout=60) == 49
+        assert fresh >= 6, f"only {fresh} of {killed} workers were killed before ready"
+        results = list(ex.map(square, range(200), timeout=60))
+        assert results == [x * x for x in range(200)]
+
+
+# -- workers killed at random under load ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_chaos_kills_random_workers_under_load_and_the_pool_recovers(tmp_path: Path) -> None:
+    """5,000 calls in chunks of 25 while a random worker is killed every 0.3 s for 5 s:
+    a chunk either returns the right results or, killed ``max_attempts`` times, raises
+    WorkerLostError; nearly all succeed, none is wrong, and the pool works afterwards."""
+    n, chunksize, rounds = 5000, 25, 3
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as ex:
+        for round_ in range(rounds):
+            chaos = Chaos(period=0.3, duration=5.0, seed=round_)
+            chaos.start()
+            # One map per chunk: a failed chunk must not hide the outcome of the others.
+            one_chunk = {"chunksize": chunksize, "timeout": 60}
+            maps = [
+                (start, ex.map(square_slowly, range(start, start + chunksize), **one_chunk))
+                for start in range(0, n, chunksize)
+            ]
+            succeeded = lost = 0
+            for start, results in maps:
+                try:
+                    values = list(results)
+                except WorkerLostError:
+                    lost += chunksize
+                    continue
+                assert values == [x * x for x in range(start, start + chunksize)]
+                succeeded += chunksize
+            chaos.join(timeout=30)
+            assert not chaos.is_alive()
+            assert succeeded + lost == n
+            assert succeeded >= 0.9 * n, f"round {round_}: {lost} of {n} calls lost"
+            assert chaos.kills >= 10, f"round {round_}: only {chaos.kills} workers killed"
+            assert_pool_works(ex, 100)
+
+
+# -- workers that cannot start -------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_workers_that_cannot_start_fail_clearly_and_the_next_submit_tries_again(
+    tmp_path: Path,
+) -> None:
+    """An interpreter that exits at once fails the calls clearly, but the pool does not
+    refuse for good: once the interpreter works, the next submit runs."""
+    flag = tmp_path / "python-works"
+    starts = tmp_path / "starts"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f"echo start >> {shlex.quote(str(starts))}\n"
+        f"if [ -e {shlex.quote(str(flag))} ]; then exec {shlex.quote(sys.executable)} "
+        '"$@"; fi\n'
+        "exec /bin/false\n"
+    )
+    python.chmod(0o755)
+
+    def count_starts() -> int:
+        return starts.read_text().count("start\n") if starts.exists() else 0
+
+    backend = LocalBackend(max_workers=1, python=str(python))
+    try:
+        with BatchPoolExecutor(backend=backend, storage=str(tmp_path / "store")) as ex:
+            with pytest.raises(WorkerLostError, match="exit before they are ready"):
+                ex.submit(square, 2).result(timeout=60)
+            first = count_starts()
+            assert first >= 3
+            with pytest.raises(WorkerLostError, match="exit before they are ready"):
+                ex.submit(square, 3).result(timeout=60)
+            assert count_starts() >= first + 3  # the pool tried again, as many times
+            flag.touch()
+            assert ex.submit(square, 4).result(timeout=60) == 16
+            assert list(ex.map(square, range(20), timeout=60)) == [x * x for x in range(20)]
+    finally:
+        backend.close()
