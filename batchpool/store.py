@@ -352,10 +352,30 @@ class Store:
                 f"missing, so the run at {self.url} was deleted: {exc}"
             ) from exc
 
+    def _link_on_the_way(self, path: str, *, itself: bool) -> str | None:
+        """On a local disk, the link a read (``itself``: the object too) or a write of
+        ``path`` would go through, if any: the run's folder, or the object's folder.
+        Whoever can write the storage folder could otherwise make batchpool read or
+        write outside the run (a write replaces a link at its own name, never follows it)."""
+        folder = os.path.dirname(path)
+        for checked in (self.root, folder, path) if itself else (self.root, folder):
+            if os.path.islink(checked):
+                return checked
+        return None
+
+    def _no_links(self, path: str, *, itself: bool) -> None:
+        link = self._link_on_the_way(path, itself=itself)
+        if link is not None:
+            raise StorageError(
+                f"{link} is a symbolic link: batchpool reads and writes a run's objects "
+                "only inside its folder, never through links"
+            )
+
     def _put_once(self, path: str, data: bytes) -> None:
         if not self._renames:
             self.fs.pipe_file(path, data)  # one PUT: all or nothing
             return
+        self._no_links(path, itself=False)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # a new name each try
         try:
             self.fs.pipe_file(tmp, data)
@@ -394,6 +414,7 @@ class Store:
         return self.get(key) == data
 
     def _link_new(self, path: str, data: bytes) -> bool:
+        self._no_links(path, itself=False)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self.fs.pipe_file(tmp, data)
         try:
@@ -420,6 +441,8 @@ class Store:
         path = self.path(key)
 
         def read() -> bytes:
+            if self._renames:
+                self._no_links(path, itself=True)
             # fsspec shares one cached filesystem per process: a listing made by anyone
             # (s3fs consults it in cat_file) must not make a new object look missing.
             self.fs.invalidate_cache(path)
@@ -433,6 +456,14 @@ class Store:
         if not keys:
             return {}
         by_path = {self.fs._strip_protocol(self.path(key)): key for key in keys}
+        if self._renames:  # objects reached through a link are left out, as missing ones
+            by_path = {
+                path: key
+                for path, key in by_path.items()
+                if self._link_on_the_way(path, itself=True) is None
+            }
+            if not by_path:
+                return {}
 
         def read() -> dict[str, bytes]:
             found = self.fs.cat(list(by_path), on_error="omit")

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from batchpool import BatchPoolError, BatchPoolExecutor, IntegrityError
+from batchpool import BatchPoolError, BatchPoolExecutor, IntegrityError, StorageError
 from batchpool import cli as batchpool_cli
 from batchpool.backends.base import JobSpec, Resources
 from batchpool.backends.sge import SGEBackend
@@ -772,3 +772,32 @@ def test_attach_by_name_passes_over_folders_that_only_claim_the_name(tmp_path: P
     # Even with the run's secret given, a copy is not taken for the run.
     with pytest.raises(IntegrityError, match="reopened only in its own folder"):
         BatchPoolExecutor.attach(str(tmp_path), clone.name, secret=load_secret(str(run)))
+
+
+# -- links in a local store -----------------------------------------------------------------------
+
+
+def swap_folder_for_a_link(run_url: str, folder: str, target: str) -> int:
+    """What a writer of the storage folder can do while a job runs."""
+    os.rename(os.path.join(run_url, folder), target)
+    os.symlink(target, os.path.join(run_url, folder))
+    return 1
+
+
+def test_no_object_is_written_or_read_through_a_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    with BatchPoolExecutor(storage=str(tmp_path / "runs"), max_workers=1) as bpe:
+        future = bpe.submit(swap_folder_for_a_link, bpe.run_url, "results", str(elsewhere))
+        with pytest.raises(StorageError, match="is a symbolic link"):
+            future.result(timeout=60)
+        assert future.job is not None and future.job.attempt == 1  # not run again
+    assert list(elsewhere.iterdir()) == []  # nothing was written through the link
+    run = finished_run(tmp_path / "more", "linked")
+    private = tmp_path / "private.txt"
+    private.write_text("the user's private notes")
+    chunk = sorted((run / "chunks").iterdir())[0].name.removesuffix(".in")
+    (run / "logs" / f"{chunk}.1.log").symlink_to(private)
+    for args in (("logs", str(run)), ("logs", str(run), chunk)):
+        result = cli(*args)
+        assert "Traceback" not in result.stderr
+        assert "private notes" not in result.stdout + result.stderr
