@@ -250,11 +250,17 @@ class LocalBackend(Backend):
             try:
                 self._spawn_locked()
             except BackendError as exc:
-                if exc.__cause__ is not None and isinstance(
-                    exc.__cause__, (FileNotFoundError, PermissionError, NotADirectoryError)
-                ):  # no such interpreter: no retry can mend it
+                # No such interpreter: no retry mends that. Out of processes, memory or
+                # descriptors: it may pass, so a few more tries, each after a longer pause.
+                cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+                self._start_failures[cause] += 1
+                missing = (FileNotFoundError, PermissionError, NotADirectoryError)
+                if (
+                    isinstance(exc.__cause__, missing)
+                    or self._start_failures[cause] >= MAX_START_FAILURES
+                ):
                     self._broken = str(exc)
-                else:  # out of processes, memory or descriptors: may pass
+                else:
                     self._schedule_fill_locked()
                     return []
         if not self._broken:
