@@ -34,7 +34,7 @@ from batchpool.future import FINAL_STATES
 from batchpool.processes import is_our_worker, process_started
 from batchpool.recovery import find_secret, forget_secret
 from batchpool.runs import JobView, RunView, find_runs, format_bytes, read_run
-from batchpool.safetext import printable
+from batchpool.safetext import escaped_terminal, printable
 from batchpool.serialization import SECRET_ENV
 from batchpool.store import StorageError, Store, open_storage
 
@@ -434,10 +434,14 @@ def refine_states(
 ) -> str | None:
     """Correct the store's Ready and Running jobs with what is known of them: the engine's
     word when its job ids outlive the client; for local runs, whether the worker process
-    still lives. Returns why the engine could not be asked, if it could not."""
+    still lives. Returns why the engine could not be asked, if it could not. The engine
+    is asked only about job ids read with the run's secret (``run.verified``): nothing a
+    store writer wrote makes the command run an engine's program."""
     engine = engine_of(run, options)
     live = [job for job in run.jobs if job.state in ("Ready", "Running")]
     if engine.queryable:
+        if not run.verified:
+            return None
         asked = engine.usable_ids(run, live)
         if not asked:
             return None
@@ -558,7 +562,8 @@ def status_header(run: RunView, state: str) -> list[tuple[str, str]]:
             "signatures",
             "checked with the run's secret"
             if run.verified
-            else "not checked (the run's secret is not on this machine)",
+            else "not checked (the run's secret is not on this machine): shown as the store "
+            "says, and no engine asked",
         ),
     ]
     if run.cancel_request:
@@ -666,9 +671,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     # Logs are the jobs' own bytes, as they printed them, when they go to a file or a
-    # pipe; on a terminal their escape sequences are shown, not obeyed.
-    shown = printable if sys.stdout.isatty() else str
-    found = [(job, attempt, shown(text)) for job, attempt, text in found]
+    # pipe; on a terminal (escaped_terminal) their escape sequences are shown, not obeyed.
     if args.chunk is not None:
         for _, _, text in found:
             sys.stdout.write(text)
@@ -1087,7 +1090,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.storage_options = dict(args.storage_option)
         args.backend_options = dict(getattr(args, "backend_option", []))
-        return int(args.handler(args))
+        with escaped_terminal():  # what the store says never drives the terminal
+            return int(args.handler(args))
     except CommandError as exc:
         print(f"{prefix}: {safe(str(exc))}", file=sys.stderr)
         return exc.code
