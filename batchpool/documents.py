@@ -290,4 +290,4 @@ def replace(doc: D, **changes: Any) -> D:
 
 def describe_problem(exc: BaseException) -> str:
     """One line on why an object could not be read, for lists of a run's problems."""
-    return str(exc) if isinstance(exc, DocumentError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, (DocumentError, OSError)) else f"{type(exc).__name__}: {exc}"

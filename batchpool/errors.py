@@ -87,6 +87,11 @@ def _storage_error(message: str, transient: bool) -> StorageError:
     return StorageError(message, transient=transient)
 
 
+class UnsafePathError(StorageError):
+    """An object of a run on a local disk is reached through a symbolic link, or is not a
+    regular file: batchpool neither reads nor writes it."""
+
+
 #: The exit status of a worker that failed in a way no retry can mend (``is_fatal``):
 #: a backend that learns a job's exit status reports it in its ``JobEvent``, and the
 #: executor then fails the job's calls at once instead of running them again.

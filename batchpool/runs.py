@@ -39,6 +39,7 @@ from batchpool.documents import (
     decode,
     describe_problem,
 )
+from batchpool.errors import UnsafePathError
 from batchpool.future import FINAL_STATES, JOB_STATES
 from batchpool.store import Store, open_storage
 
@@ -351,7 +352,7 @@ def read_run(store: Store, secret: bytes | None = None) -> RunView:
             f"{store.url} is not a batchpool run: it has no {store.MANIFEST}; "
             "give the folder of one run (`batchpool runs STORAGE` lists them)"
         ) from None
-    except DocumentError as exc:
+    except (DocumentError, UnsafePathError) as exc:
         manifest = None
         problems.append(describe_problem(exc))
     listed: dict[str, int] = {}
@@ -406,7 +407,7 @@ def read_run(store: Store, secret: bytes | None = None) -> RunView:
         cancel_request = store.get_document(CancelRequest, store.CANCEL)
     except FileNotFoundError:
         cancel_request = None
-    except DocumentError as exc:
+    except (DocumentError, UnsafePathError) as exc:
         cancel_request = None
         problems.append(describe_problem(exc))
 

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -63,7 +64,7 @@ from tenacity import (
 )
 
 from batchpool import documents
-from batchpool.errors import StorageError
+from batchpool.errors import StorageError, UnsafePathError
 
 log = logging.getLogger("batchpool")
 T = TypeVar("T")
@@ -322,7 +323,7 @@ class Store:
         )
         try:
             return retrying(call)
-        except FileNotFoundError:
+        except (FileNotFoundError, UnsafePathError):
             raise
         except Exception as exc:
             where = self.fs.unstrip_protocol(self.path(key)) if key else self.url
@@ -353,22 +354,31 @@ class Store:
             ) from exc
 
     def _link_on_the_way(self, path: str, *, itself: bool) -> str | None:
-        """On a local disk, the link a read (``itself``: the object too) or a write of
-        ``path`` would go through, if any: the run's folder, or the object's folder.
-        Whoever can write the storage folder could otherwise make batchpool read or
-        write outside the run (a write replaces a link at its own name, never follows it)."""
-        folder = os.path.dirname(path)
-        for checked in (self.root, folder, path) if itself else (self.root, folder):
-            if os.path.islink(checked):
-                return checked
+        """On a local disk, why a read (``itself``: of the object too) or a write of
+        ``path`` must not happen, if it must not: the run's folder or the object's folder
+        is a symbolic link, or the object is not a regular file (a link, a pipe that
+        would block the reader forever, a device). Whoever can write the storage folder
+        could otherwise lead batchpool outside the run. A write replaces whatever is at
+        its own name, never follows it."""
+        for folder in (self.root, os.path.dirname(path)):
+            if os.path.islink(folder):
+                return f"{folder} is a symbolic link"
+        if itself:
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return None  # missing: the read says so
+            if not stat.S_ISREG(mode):
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                return f"{path} is {kind}"
         return None
 
     def _no_links(self, path: str, *, itself: bool) -> None:
-        link = self._link_on_the_way(path, itself=itself)
-        if link is not None:
-            raise StorageError(
-                f"{link} is a symbolic link: batchpool reads and writes a run's objects "
-                "only inside its folder, never through links"
+        why = self._link_on_the_way(path, itself=itself)
+        if why is not None:
+            raise UnsafePathError(
+                f"{why}: batchpool reads and writes a run's objects only as regular files "
+                "inside its folder, never through links"
             )
 
     def _put_once(self, path: str, data: bytes) -> None:

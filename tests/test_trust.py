@@ -801,3 +801,54 @@ def test_no_object_is_written_or_read_through_a_link(tmp_path: Path) -> None:
         result = cli(*args)
         assert "Traceback" not in result.stderr
         assert "private notes" not in result.stdout + result.stderr
+
+
+STRUCTURAL = ("manifest-fifo", "manifest-dir", "cancel-fifo", "marker-fifo", "events-file", "link")
+
+
+def forge_structure(run: Path, how: str) -> None:
+    chunk = sorted((run / "chunks").iterdir())[0].name.removesuffix(".in")
+    if how == "manifest-fifo":
+        (run / "manifest.json").unlink()
+        os.mkfifo(run / "manifest.json")  # a reader that opens it waits for a writer forever
+    elif how == "manifest-dir":
+        (run / "manifest.json").unlink()
+        (run / "manifest.json").mkdir()
+    elif how == "cancel-fifo":
+        os.mkfifo(run / "cancel.json")
+    elif how == "marker-fifo":
+        (run / "events" / f"{chunk}.1.start").unlink()
+        os.mkfifo(run / "events" / f"{chunk}.1.start")
+    elif how == "events-file":
+        import shutil
+
+        shutil.rmtree(run / "events")
+        (run / "events").write_text("not a folder")
+    else:
+        target = run.parent / "moved-away"
+        os.rename(run, target)
+        os.symlink(target, run)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", STRUCTURAL)
+def test_pipes_folders_and_links_where_documents_belong(tmp_path: Path, how: str) -> None:
+    storage = tmp_path / "storage"
+    finished_run(storage, "good")
+    bad = finished_run(storage, "bad")
+    forge_structure(bad, how)
+    for args in (
+        ["runs", str(storage)],
+        ["status", str(bad)],
+        ["logs", str(bad)],
+        ["clean", str(storage), "--older-than", "100w", "--dry-run"],
+    ):
+        code, out, err = cli_here(*args)
+        assert code in (0, 1), f"{how}: {args[0]}: {code} {err}"
+        assert "Traceback" not in err and "failed:" not in err, f"{how}: {args[0]}: {err}"
+    code, _, err = cli_here("clean", str(bad))
+    if how == "marker-fifo":  # still a run's layout: only a marker is odd
+        assert code == 0, err
+    else:
+        assert code == 2 and "not a batchpool run" in err, err
+        assert os.path.lexists(bad)
