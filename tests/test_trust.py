@@ -843,7 +843,7 @@ def test_pipes_folders_and_links_where_documents_belong(tmp_path: Path, how: str
         ["logs", str(bad)],
         ["clean", str(storage), "--older-than", "100w", "--dry-run"],
     ):
-        code, out, err = cli_here(*args)
+        code, _, err = cli_here(*args)
         assert code in (0, 1), f"{how}: {args[0]}: {code} {err}"
         assert "Traceback" not in err and "failed:" not in err, f"{how}: {args[0]}: {err}"
     code, _, err = cli_here("clean", str(bad))
