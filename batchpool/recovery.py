@@ -205,25 +205,25 @@ def next_chunk_sequence(view: RunView) -> int:
     return max((int(job.chunk.split("-", 1)[0]) for job in view.jobs), default=-1) + 1
 
 
-def check_client_gone(view: RunView, force: bool, how: str = "attach") -> None:
-    """Refuse to reopen a run while a client still uses it on this machine."""
+def client_alive(view: RunView) -> bool:
+    """Whether the run's (newest) client still runs on this machine and has not closed it."""
     assert view.manifest is not None
     client = view.manifest.client
-    if force or view.closed is not None:  # it shut down: nothing runs twice
-        return
+    if view.closed is not None:  # it shut down
+        return False
     if client.host != socket.gethostname() or not client.pid or client.pid_started is None:
+        return False
+    return process_started(client.pid) == client.pid_started
+
+
+def check_client_gone(view: RunView, force: bool) -> None:
+    """Refuse to attach while the run's client still uses it on this machine."""
+    if force or not client_alive(view):
         return
-    if process_started(client.pid) != client.pid_started:
-        return
-    if how == "resume":
-        raise BatchPoolError(
-            f"the run {view.run_id} is open in another session (pid {client.pid} on this "
-            "machine): two sessions of one run would run its calls twice and overwrite each "
-            "other's journal. Wait for it to shut down, or give this session another name"
-        )
+    assert view.manifest is not None
     raise BatchPoolError(
-        f"the client of run {view.run_id} still runs here (pid {client.pid}); two "
-        "clients would run its jobs twice. Stop it first, or pass force=True if it no "
+        f"the client of run {view.run_id} still runs here (pid {view.manifest.client.pid}); "
+        "two clients would run its jobs twice. Stop it first, or pass force=True if it no "
         "longer uses the run"
     )
 
@@ -262,7 +262,15 @@ def reopen_resumed(store: Store, name: str) -> Reopened:
             f"{name!r}; give this run another name"
         )
     reopened.how = "resume"
-    check_client_gone(reopened.view, force=False, how="resume")
+    if client_alive(reopened.view):
+        # Both sessions work: objects never collide (chunk ids are random, journal entries
+        # are created exclusively), and a call neither has a result for may run in both.
+        log.warning(
+            "batchpool: run %s is open in another session too (pid %s): calls that neither "
+            "has a result for run in each",
+            store.url,
+            reopened.manifest.client.pid,
+        )
     return reopened
 
 
@@ -291,8 +299,7 @@ def mark_reopened(reopened: Reopened, client: ClientInfo, backend: dict[str, Any
     store.put_document(store.MANIFEST, manifest, secret)
     # The journal says the run is open again (an earlier session closed it).
     entry = documents.build(JournalEntry, {"time": time.time(), "opened": time.time()})
-    store.put_document(store.journal_key(reopened.next_journal), entry, secret)
-    reopened.next_journal += 1
+    reopened.next_journal = store.add_journal_entry(entry, secret, reopened.next_journal) + 1
 
 
 # -- resume: results by call content ------------------------------------------------------------

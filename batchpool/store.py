@@ -80,6 +80,9 @@ _SUFFIXES = {"results": ("out",), "logs": ("log",), "events": ("start", "end")}
 _JOURNAL_KEY = re.compile(r"^jobs/([0-9]{8,})\.json$")
 _BLOB_KEY = re.compile(r"^blobs/[0-9a-f]{64}$")
 
+#: How many taken journal keys a new entry skips at most (``add_journal_entry``).
+MAX_JOURNAL_PROBES = 10_000
+
 #: The job environment variable through which a worker finds the run (``Store.spec()``).
 STORE_ENV = "BATCHPOOL_STORE"
 
@@ -434,6 +437,19 @@ class Store:
         finally:
             os.unlink(tmp)
         return True
+
+    def add_journal_entry(self, entry: documents.JournalEntry, secret: bytes, seq: int) -> int:
+        """Write ``entry`` at the first free journal key from ``seq`` on, and return the
+        sequence number it took: another session of the run (``resume=True``) may write
+        the journal at the same time, and an entry never overwrites another."""
+        for taken in range(seq, seq + MAX_JOURNAL_PROBES):
+            key = self.journal_key(taken)
+            if self.create_new(key, documents.encode(entry, key, secret)):
+                return taken
+        raise StorageError(
+            f"could not add to the journal of {self.url}: jobs/ has no free entry from "
+            f"{self.journal_key(seq)} on (in {MAX_JOURNAL_PROBES} tries)"
+        )
 
     def put_document(self, key: str, doc: documents.Document, secret: bytes | None) -> None:
         """Write a JSON document (``documents.py``), signed with the run secret if given."""

@@ -520,14 +520,13 @@ class Watcher:
 
     def _journal(self, **entry: Any) -> None:
         """Append one entry to the run's journal (``jobs/``), signed; a failure only warns."""
-        with self._journal_lock:
-            key = self.store.journal_key(self._next_journal)
-            self._next_journal += 1
         try:
             document = documents.build(JournalEntry, {"time": time.time(), **entry})
-            self.store.put_document(key, document, self._secret)
+            with self._journal_lock:  # _cancel_one writes from a caller's thread
+                seq = self.store.add_journal_entry(document, self._secret, self._next_journal)
+                self._next_journal = seq + 1
         except Exception as exc:
-            log.warning("batchpool: could not write %s to the run's journal: %s", key, exc)
+            log.warning("batchpool: could not add to the run's journal: %s", exc)
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:
         threads = str(max(1, int(chunk.resources.cpus)))
