@@ -986,7 +986,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 # -- the command line -------------------------------------------------------------------------
 
 
-def storage_option(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE``: the value is JSON when it parses as JSON, else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -1004,17 +1004,22 @@ def attempt_number(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def key_values(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+        """A repeatable ``--flag KEY=VALUE``, collected in ``args.<flag>`` as pairs."""
+        parser.add_argument(
+            flag,
+            dest=flag.removeprefix("--").replace("-", "_"),
+            action="append",
+            default=[],
+            type=key_value,
+            metavar="KEY=VALUE",
+            help=f"{help_text}; VALUE is JSON when it parses as JSON; repeat for more",
+        )
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document instead")
-    common.add_argument(
-        "--storage-option",
-        dest="storage_option",
-        action="append",
-        default=[],
-        type=storage_option,
-        metavar="KEY=VALUE",
-        help="an fsspec storage option (e.g. endpoint_url=http://...); VALUE is JSON when it "
-        "parses as JSON; repeat for more",
+    key_values(
+        common, "--storage-option", "an fsspec storage option (e.g. endpoint_url=http://...)"
     )
     parser = argparse.ArgumentParser(
         prog="batchpool",
@@ -1040,14 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def backend_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
+        key_values(
+            sub,
             "--backend-option",
-            dest="backend_option",
-            action="append",
-            default=[],
-            type=storage_option,
-            metavar="KEY=VALUE",
-            help="an option of the run's backend, made here to ask or cancel its jobs (e.g. "
+            "an option of the run's backend, made here to ask or cancel its jobs (e.g. "
             "squeue=/opt/slurm/bin/squeue); the store names only which backend ran the run",
         )
 

@@ -271,12 +271,7 @@ def run_chunk(
         serialization.blob_resolver = None
     ended = time.time()
     meta = {
-        "chunk": chunk_id,
-        "attempt": attempt,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": started,
-        "ended": ended,
+        **_where(chunk_id, attempt, started, ended),
         "wall_seconds": round(ended - started, 6),
         "cpu_seconds": round(_cpu_seconds() - cpu_before, 6),
         "peak_memory_bytes": _peak_memory_bytes(),
@@ -293,6 +288,18 @@ def run_chunk(
     return meta
 
 
+def _where(chunk_id: str, attempt: int, started: float, ended: float) -> dict[str, Any]:
+    """What an outcome's meta says of where and when its attempt ran."""
+    return {
+        "chunk": chunk_id,
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "ended": ended,
+    }
+
+
 def _write_fatal_outcome(
     store: Store, secret: bytes, chunk_id: str, attempt: int, started: float, error: Exception
 ) -> None:
@@ -301,12 +308,7 @@ def _write_fatal_outcome(
     them at once instead of running the job again to read the same bytes."""
     text = f"{type(error).__name__}: {error}"
     meta = {
-        "chunk": chunk_id,
-        "attempt": attempt,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": started,
-        "ended": time.time(),
+        **_where(chunk_id, attempt, started, time.time()),
         "calls": 0,
         "failed": 0,
         "error": text,

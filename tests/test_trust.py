@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from test_cli import cli
 
 from batchpool import BatchPoolError, BatchPoolExecutor, IntegrityError, StorageError
 from batchpool import cli as batchpool_cli
@@ -67,17 +68,6 @@ class Payload:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batchpool", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 def cli_here(*args: str) -> tuple[int, str, str]:
