@@ -92,9 +92,9 @@ class UnsafePathError(StorageError):
     regular file: batchpool neither reads nor writes it."""
 
 
-#: The exit status of a worker that failed in a way no retry can mend (``is_fatal``):
-#: a backend that learns a job's exit status reports it in its ``JobEvent``, and the
-#: executor then fails the job's calls at once instead of running them again.
+#: The exit status of a one-job worker that failed in a way no retry can mend
+#: (``is_fatal``): a backend that learns it sets ``JobEvent.fatal``, and the executor
+#: then fails the job's calls at once instead of running them again.
 FATAL_EXIT_CODE = 78  # EX_CONFIG in sysexits.h
 
 #: The errors that end a chunk at once, by the name a worker reports them with.

@@ -36,7 +36,6 @@ from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobS
 from batchpool.chunking import coalesce_target
 from batchpool.documents import JournalEntry, Manifest, StartMarker
 from batchpool.errors import (
-    FATAL_EXIT_CODE,
     BatchPoolError,
     StorageError,
     WorkerLostError,
@@ -729,10 +728,10 @@ class Watcher:
 
     def _fatal_cause(self, chunk: Chunk, event: JobEvent, reason: str) -> BatchPoolError | None:
         """Why running a job that ended without a result again cannot help, if it cannot:
-        its worker said so (``FATAL_EXIT_CODE``: a chunk refused for its signature, a
-        storage error that does not pass), the run's input is gone from storage, or the
-        storage refuses this client's writes too (full, read-only, denied)."""
-        if event.exit_code == FATAL_EXIT_CODE:
+        its worker said so (``event.fatal``: a chunk refused for its signature, a storage
+        error that does not pass), the run's input is gone from storage, or the storage
+        refuses this client's writes too (full, read-only, denied)."""
+        if event.fatal:
             return fatal_error(event.reason or reason)
         key = self.store.chunk_key(chunk.id)
         try:

@@ -16,7 +16,6 @@ import pytest
 
 from batchpool import BatchPoolExecutor, WorkerLostError
 from batchpool.backends.base import JobEvent, JobSpec, JobState, available_backends
-from batchpool.errors import FATAL_EXIT_CODE
 from batchpool.serialization import SECRET_ENV
 from batchpool.store import STORE_ENV, Store
 
@@ -208,7 +207,7 @@ def test_a_failing_task_is_reported_failed_with_its_exception(client: Any, tmp_p
     assert events[0].job_id == job_id
     assert events[0].state is JobState.FAILED
     # Its input is missing: a retry could not help, and the event says so.
-    assert events[0].exit_code == FATAL_EXIT_CODE
+    assert events[0].fatal
     assert backend.status([job_id]) == {job_id: JobState.FAILED}
     assert "StorageError" in backend.explain(job_id) and "is missing" in backend.explain(job_id)
     backend.close()

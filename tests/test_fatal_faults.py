@@ -314,3 +314,22 @@ def test_a_forged_chunk_is_refused_at_once_and_never_unpickled(tmp_path: Path, m
     assert not unpickled.exists()  # the forged pickle was never loaded
     assert _runs(marks, 1) == 0  # and the call never ran
     _ran_one_attempt(future)
+
+
+def exit_78_first(marks: str, i: int) -> int:
+    """Ends its worker with the status a one-job worker uses for fatal errors, once."""
+    _mark(marks, i)
+    if len(list(Path(marks).iterdir())) == 1:
+        os._exit(78)
+    return 10 * i
+
+
+def test_a_pool_worker_that_exits_78_is_a_dead_worker_and_retried(tmp_path: Path) -> None:
+    """Only the worker's own report makes a job fatal: a call that ends its pool worker
+    with status 78 is a lost job like any other, and runs again."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path / "runs")) as bpe:
+        future = bpe.submit(exit_78_first, str(marks), 3)
+        assert future.result(timeout=60) == 30
+        assert future.job is not None and future.job.attempt == 2

@@ -163,6 +163,10 @@ class JobEvent:
     signal: int | None = None
     reason: str = ""
     log_tail: str = ""
+    #: The worker reported that running the job again cannot help (``errors.is_fatal``):
+    #: a pool's word, a task's exception, or a one-job worker's exit status
+    #: ``errors.FATAL_EXIT_CODE`` where the engine tells exit statuses.
+    fatal: bool = False
 
 
 Notify = Callable[[JobEvent], None]

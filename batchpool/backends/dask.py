@@ -44,7 +44,7 @@ from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
 from batchpool.documents import DocumentError, StartMarker
-from batchpool.errors import FATAL_EXIT_CODE, BackendError, is_fatal
+from batchpool.errors import BackendError, is_fatal
 
 #: How many ended jobs the backend remembers the state of for ``status``.
 FINISHED_MEMORY = 100_000
@@ -312,7 +312,7 @@ class DaskBackend(Backend):
         if isinstance(exc, KilledWorker | DaskJobLost):
             self._end(job_id, JobState.LOST, "the Dask worker running it died", text)
         elif is_fatal(exc):  # a retry would fail the same way
-            self._end(job_id, JobState.FAILED, text, text, exit_code=FATAL_EXIT_CODE)
+            self._end(job_id, JobState.FAILED, text, text, fatal=True)
         else:
             if tb is not None:
                 text += "\n" + "".join(traceback.format_tb(tb)).rstrip("\n")
@@ -324,7 +324,7 @@ class DaskBackend(Backend):
         state: JobState,
         why: str = "",
         detail: str = "",
-        exit_code: int | None = None,
+        fatal: bool = False,
     ) -> None:
         with self._lock:
             if job_id in self._ended or job_id not in self._notify:
@@ -339,4 +339,4 @@ class DaskBackend(Backend):
                 while len(self._why) > EXPLAIN_MEMORY:
                     self._why.pop(next(iter(self._why)))
         if notify is not None:
-            notify(JobEvent(job_id, state, exit_code=exit_code, reason=why))
+            notify(JobEvent(job_id, state, reason=why, fatal=fatal))

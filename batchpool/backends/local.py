@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
-from batchpool.errors import FATAL_EXIT_CODE, BackendError
+from batchpool.errors import BackendError
 from batchpool.processes import WORKER_TOKEN_ENV, new_worker_token
 
 #: Workers that exit by themselves before they are ready, this many times in a row for the
@@ -404,7 +404,7 @@ class LocalBackend(Backend):
         if self._echo and log:
             _echo(log)
         if fatal:  # the worker says a retry would fail the same way
-            self._finish(job, JobState.FAILED, FATAL_EXIT_CODE, reason=error, log=log)
+            self._finish(job, JobState.FAILED, reason=error, log=log, fatal=True)
         elif error:
             self._finish(job, JobState.FAILED, reason=f"the worker failed: {error}", log=log)
         else:
@@ -466,13 +466,14 @@ class LocalBackend(Backend):
         signum: int | None = None,
         reason: str = "",
         log: bytes = b"",
+        fatal: bool = False,
     ) -> None:
         with self._lock:
             self._finished[job.id] = state
             while len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
         if job.notify is not None:
-            job.notify(JobEvent(job.id, state, exit_code, signum, reason, _tail(log)))
+            job.notify(JobEvent(job.id, state, exit_code, signum, reason, _tail(log), fatal))
 
     def _release(self) -> None:
         for worker in list(self._workers):
