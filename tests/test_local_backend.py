@@ -334,7 +334,9 @@ def test_a_backend_that_cannot_report_states_never_leaves_a_future_waiting(
     import batchpool.watcher as watcher
 
     monkeypatch.setattr(watcher, "POLL_MAX", 0.05)  # keep the test short
-    monkeypatch.setattr(watcher, "MAX_STATUS_FAILURES", 3)
+    # About a second of failed queries: long enough for a worker to start and run a tiny
+    # call on a loaded machine (3 were not, in a CI-like run), short enough for the test.
+    monkeypatch.setattr(watcher, "MAX_STATUS_FAILURES", 20)
     backend = StatusFails()
     try:
         with BatchPoolExecutor(backend=backend, storage=str(tmp_path), max_attempts=2) as ex:
@@ -342,7 +344,7 @@ def test_a_backend_that_cannot_report_states_never_leaves_a_future_waiting(
             assert ex.submit(triple, 1).result(timeout=30) == 3
             # A job that never ends fails its call once the states stay unknown.
             stuck = ex.submit(wait_for, str(tmp_path / "never"))
-            with pytest.raises(WorkerLostError, match="3 status queries in a row failed"):
+            with pytest.raises(WorkerLostError, match="20 status queries in a row failed"):
                 stuck.result(timeout=30)
     finally:
         backend.close()
