@@ -118,28 +118,22 @@ def _read_secret_file(path: Path) -> str:
         return f.read().strip()
 
 
-def load_secret(run_url: str, given: str | bytes | None = None, *, required: bool = True) -> bytes:
+def find_secret(run_url: str, given: str | bytes | None = None) -> bytes | None:
     """The run's secret: ``given`` (hex text or bytes), else ``BATCHPOOL_RUN_SECRET``,
-    else the file this client saved when it created the run. Without ``required``,
-    None when none is known (a file of the wrong mode or owner is refused either way)."""
+    else the file this client saved when it created the run; None when none is known.
+    A secret file of the wrong mode or owner, or a link, is refused with an error."""
     if isinstance(given, bytes):
         return given
     text = given or os.environ.get(SECRET_ENV)
     if not text:
+        path = secret_file(run_url)
         try:
-            text = _read_secret_file(secret_file(run_url))
+            text = _read_secret_file(path)
         except (FileNotFoundError, NotADirectoryError):
-            if not required:
-                return None  # type: ignore[return-value]
-            raise BatchPoolError(
-                f"the secret of the run at {run_url} is not on this machine "
-                f"(looked in {secret_file(run_url)}): it stays with the client that created "
-                "the run. Pass secret= (the hex text in that file on the client's machine) "
-                f"or set {SECRET_ENV}"
-            ) from None
+            return None
         except OSError as exc:  # a link (O_NOFOLLOW), or unreadable
             raise BatchPoolError(
-                f"the run secret file {secret_file(run_url)} cannot be read safely: {exc}"
+                f"the run secret file {path} cannot be read safely: {exc}"
             ) from None
     try:
         return bytes.fromhex(text)
@@ -149,9 +143,16 @@ def load_secret(run_url: str, given: str | bytes | None = None, *, required: boo
         ) from None
 
 
-def find_secret(run_url: str) -> bytes | None:
-    """``load_secret`` for tools that work without the secret too: None when none is known."""
-    secret: bytes | None = load_secret(run_url, required=False)
+def load_secret(run_url: str, given: str | bytes | None = None) -> bytes:
+    """``find_secret``, or an error that says where the secret is to be found."""
+    secret = find_secret(run_url, given)
+    if secret is None:
+        raise BatchPoolError(
+            f"the secret of the run at {run_url} is not on this machine "
+            f"(looked in {secret_file(run_url)}): it stays with the client that created "
+            "the run. Pass secret= (the hex text in that file on the client's machine) "
+            f"or set {SECRET_ENV}"
+        )
     return secret
 
 
