@@ -36,7 +36,7 @@ MAX_MANIFEST_BYTES = 256 << 20  # the job table of a run of millions of chunks
 MAX_JOURNAL_BYTES = 64 << 20  # one hand-over of up to ~300,000 chunks
 MAX_MARKER_BYTES = 1 << 20
 
-ChunkId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{8}-[0-9a-f]{12}$")]
+ChunkId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{8}-[0-9a-f]{12}\Z")]
 Attempt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 Pid = Annotated[int, msgspec.Meta(ge=1, le=(1 << 31) - 1)]
@@ -115,7 +115,7 @@ class JobTableEntry(Document, kw_only=True):
 
 class Manifest(Document, kw_only=True):
     format: Literal["batchpool-run/2"]
-    run_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,200}$")]
+    run_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,200}\Z")]
     #: The name the run was given, exactly (its folder name may be a slug of it).
     name: Text | None = None
     created: Text

@@ -74,11 +74,11 @@ _FOLDERS = ("chunks", "results", "logs", "events", "blobs", "jobs")
 RUN_ENTRIES = frozenset({*_FOLDERS, "manifest.json", "cancel.json"})
 #: The keys of a chunk's objects: its input, and per attempt its outcome, log and markers.
 _CHUNK = r"[0-9]{8}-[0-9a-f]{12}"
-_INPUT_KEY = re.compile(rf"^chunks/({_CHUNK})\.in$")
-_ATTEMPT_KEY = re.compile(rf"^(results|logs|events)/({_CHUNK})\.([1-9][0-9]{{0,6}})\.([a-z]+)$")
+_INPUT_KEY = re.compile(rf"chunks/({_CHUNK})\.in")
+_ATTEMPT_KEY = re.compile(rf"(results|logs|events)/({_CHUNK})\.([1-9][0-9]{{0,6}})\.([a-z]+)")
 _SUFFIXES = {"results": ("out",), "logs": ("log",), "events": ("start", "end")}
-_JOURNAL_KEY = re.compile(r"^jobs/([0-9]{8,})\.json$")
-_BLOB_KEY = re.compile(r"^blobs/[0-9a-f]{64}$")
+_JOURNAL_KEY = re.compile(r"jobs/([0-9]{8,})\.json")
+_BLOB_KEY = re.compile(r"blobs/[0-9a-f]{64}")
 
 #: How many taken journal keys a new entry skips at most (``add_journal_entry``).
 MAX_JOURNAL_PROBES = 10_000
@@ -286,10 +286,10 @@ class Store:
     def parse_key(key: str) -> tuple[str, str, int] | None:
         """``(folder, chunk id, attempt)`` of a chunk's object key (attempt 0 for inputs);
         None for a key that is not one batchpool writes (a stray file)."""
-        match = _INPUT_KEY.match(key)
+        match = _INPUT_KEY.fullmatch(key)
         if match is not None:
             return "chunks", match.group(1), 0
-        match = _ATTEMPT_KEY.match(key)
+        match = _ATTEMPT_KEY.fullmatch(key)
         if match is None or match.group(4) not in _SUFFIXES[match.group(1)]:
             return None
         return match.group(1), match.group(2), int(match.group(3))
@@ -297,7 +297,7 @@ class Store:
     @staticmethod
     def journal_seq(key: str) -> int | None:
         """The sequence number of a journal entry's key; None for any other key."""
-        match = _JOURNAL_KEY.match(key)
+        match = _JOURNAL_KEY.fullmatch(key)
         return int(match.group(1)) if match else None
 
     @staticmethod
@@ -306,7 +306,7 @@ class Store:
 
     @staticmethod
     def is_blob_key(key: str) -> bool:
-        return _BLOB_KEY.match(key) is not None
+        return _BLOB_KEY.fullmatch(key) is not None
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"

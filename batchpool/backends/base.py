@@ -57,7 +57,7 @@ _FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, Job
 
 #: Job environment variables that only the executor sets (the store, the run secret).
 RESERVED_ENV_PREFIX = "BATCHPOOL_"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _checked_env(env: Any) -> tuple[tuple[str, str], ...]:
@@ -68,7 +68,7 @@ def _checked_env(env: Any) -> tuple[tuple[str, str], ...]:
     except (TypeError, ValueError):
         raise TypeError(f"job option env={env!r} must be a dict of names to strings") from None
     for name, value in pairs:
-        if not isinstance(name, str) or not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             raise ValueError(f"job option env: {name!r} is not an environment variable name")
         if not isinstance(value, str):
             raise TypeError(
