@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cli import cli
 
 from batchpool import BatchPoolError, BatchPoolExecutor, IntegrityError, StorageError
@@ -33,7 +35,15 @@ from batchpool import cli as batchpool_cli
 from batchpool.backends.base import JobSpec, Resources
 from batchpool.backends.sge import SGEBackend
 from batchpool.backends.slurm import SlurmBackend
-from batchpool.documents import StartMarker, encode
+from batchpool.documents import (
+    DocumentError,
+    EndMarker,
+    JournalEntry,
+    Manifest,
+    StartMarker,
+    decode,
+    encode,
+)
 from batchpool.processes import boot_id, process_started
 from batchpool.recovery import load_secret
 from batchpool.serialization import SECRET_ENV, seal
@@ -841,3 +851,58 @@ def test_pipes_folders_and_links_where_documents_belong(tmp_path: Path, how: str
     else:
         assert code == 2 and "not a batchpool run" in err, err
         assert os.path.lexists(bad)
+
+
+# -- the documents, as properties -----------------------------------------------------------------
+
+_text = st.text(max_size=40)
+_markers = st.builds(
+    StartMarker,
+    chunk=st.from_regex(r"[0-9]{8}-[0-9a-f]{12}", fullmatch=True),
+    attempt=st.integers(1, 1000),
+    host=st.none() | _text,
+    pid=st.none() | st.integers(1, 2**31 - 1),
+    pid_started=st.none() | st.floats(0, 1e12),
+    boot_id=st.none() | _text,
+    worker=st.none() | _text,
+    started=st.none() | st.floats(0, 1e12),
+    engine_job=_text,
+    restarts=st.integers(0, 100),
+)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(marker=_markers, secret=st.binary(min_size=32, max_size=32), flip=st.integers(0, 10**6))
+def test_signed_documents_round_trip_and_any_change_is_refused(
+    marker: StartMarker, secret: bytes, flip: int
+) -> None:
+    key = f"events/{marker.chunk}.{marker.attempt}.start"
+    data = encode(marker, key, secret)
+    assert decode(StartMarker, key, data, secret) == marker
+    assert decode(StartMarker, key, data) == marker  # without the secret: read, unchecked
+    with pytest.raises(DocumentError):
+        decode(StartMarker, f"events/{marker.chunk}.{marker.attempt + 1}.start", data, secret)
+    with pytest.raises(DocumentError):
+        decode(StartMarker, key, data, bytes(32) if secret != bytes(32) else b"\x01" * 32)
+    changed = bytearray(data)
+    changed[flip % len(changed)] ^= 0x01
+    try:
+        assert decode(StartMarker, key, bytes(changed), secret) == marker  # whitespace only
+    except DocumentError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode()))
+def test_reading_any_bytes_as_a_document_raises_nothing_but_document_error(data: bytes) -> None:
+    for kind in (Manifest, JournalEntry, StartMarker, EndMarker):
+        for secret in (None, b"\x02" * 32):
+            try:
+                decode(kind, "events/x.1.start", data, secret)
+            except DocumentError:
+                pass
