@@ -362,7 +362,8 @@ class Store:
         is a symbolic link, or the object is not a regular file (a link, a pipe that
         would block the reader forever, a device). Whoever can write the storage folder
         could otherwise lead batchpool outside the run. A write replaces whatever is at
-        its own name, never follows it."""
+        its own name, never follows it. The check comes before the open: a link swapped
+        in between is not caught (opening relative to a held folder descriptor would)."""
         for folder in (self.root, os.path.dirname(path)):
             if os.path.islink(folder):
                 return f"{folder} is a symbolic link"
