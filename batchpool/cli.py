@@ -31,7 +31,7 @@ from batchpool.backends.base import Backend, JobState, backend_class, make_backe
 from batchpool.documents import CancelRequest, DocumentError, Manifest, to_builtins
 from batchpool.errors import BatchPoolError
 from batchpool.future import FINAL_STATES
-from batchpool.processes import is_our_worker, process_started
+from batchpool.processes import is_our_worker, same_process
 from batchpool.recovery import find_secret, forget_secret
 from batchpool.runs import JobView, RunView, find_runs, format_bytes, read_run
 from batchpool.safetext import escaped_terminal, printable
@@ -311,21 +311,6 @@ def load_run(store: Store, secret: bytes | None = None) -> RunView:
 
 
 # -- liveness of the client and of local workers ----------------------------------------------
-
-
-def same_process(pid: Any, pid_started: Any) -> bool | None:
-    """Whether process ``pid`` of this host is still the one that started at ``pid_started``
-    (``process_started`` ticks); None when this cannot be told."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    if process_started(os.getpid()) is None:  # no /proc here: start times are unknown
-        return None
-    now = process_started(pid)
-    if now is None:
-        return False
-    if not isinstance(pid_started, (int, float)):
-        return None
-    return now == float(pid_started)
 
 
 def client_alive(run: RunView) -> bool | None:

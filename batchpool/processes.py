@@ -58,6 +58,21 @@ def process_started(pid: int) -> float | None:
         return None
 
 
+def same_process(pid: object, pid_started: object) -> bool | None:
+    """Whether process ``pid`` of this host is still the one that started at ``pid_started``
+    (``process_started`` ticks); None when this cannot be told."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if process_started(os.getpid()) is None:  # no /proc here: start times are unknown
+        return None
+    now = process_started(pid)
+    if now is None:
+        return False
+    if not isinstance(pid_started, (int, float)):
+        return None
+    return now == float(pid_started)
+
+
 def boot_id() -> str | None:
     """This boot's id (Linux); None where the kernel does not say."""
     try:

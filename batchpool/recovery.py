@@ -38,7 +38,7 @@ from batchpool.backends.base import Backend, Resources
 from batchpool.documents import ClientInfo, JournalEntry, Manifest
 from batchpool.errors import BatchPoolError, IntegrityError, StorageError
 from batchpool.future import BatchPoolFuture, JobRecord
-from batchpool.processes import process_started
+from batchpool.processes import same_process
 from batchpool.runs import JobView, RunView, find_runs, read_run
 from batchpool.serialization import (
     ERROR,
@@ -212,9 +212,9 @@ def client_alive(view: RunView) -> bool:
     client = view.manifest.client
     if view.closed is not None:  # it shut down
         return False
-    if client.host != socket.gethostname() or not client.pid or client.pid_started is None:
+    if client.host != socket.gethostname():
         return False
-    return process_started(client.pid) == client.pid_started
+    return same_process(client.pid, client.pid_started) is True
 
 
 def check_client_gone(view: RunView, force: bool) -> None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchpool.documents import (
-    BackendInfo,
     CancelRequest,
     DocumentError,
     EndMarker,
@@ -251,10 +250,6 @@ class RunView:
     @property
     def created(self) -> str | None:
         return self.manifest.created if self.manifest is not None else None
-
-    @property
-    def backend(self) -> BackendInfo | None:
-        return self.manifest.backend if self.manifest is not None else None
 
     @property
     def backend_name(self) -> str | None:

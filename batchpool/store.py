@@ -356,7 +356,7 @@ class Store:
                 f"missing, so the run at {self.url} was deleted: {exc}"
             ) from exc
 
-    def _link_on_the_way(self, path: str, *, itself: bool) -> str | None:
+    def _why_unsafe(self, path: str, *, itself: bool) -> str | None:
         """On a local disk, why a read (``itself``: of the object too) or a write of
         ``path`` must not happen, if it must not: the run's folder or the object's folder
         is a symbolic link, or the object is not a regular file (a link, a pipe that
@@ -378,7 +378,7 @@ class Store:
         return None
 
     def _no_links(self, path: str, *, itself: bool) -> None:
-        why = self._link_on_the_way(path, itself=itself)
+        why = self._why_unsafe(path, itself=itself)
         if why is not None:
             raise UnsafePathError(
                 f"{why}: batchpool reads and writes a run's objects only as regular files "
@@ -487,7 +487,7 @@ class Store:
             by_path = {
                 path: key
                 for path, key in by_path.items()
-                if self._link_on_the_way(path, itself=True) is None
+                if self._why_unsafe(path, itself=True) is None
             }
             if not by_path:
                 return {}
@@ -554,7 +554,7 @@ class Store:
         for entry in self._retry("list", "", listing):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             folder = name in _FOLDERS and entry.get("type") == "directory"
-            document = name in ("manifest.json", "cancel.json") and entry.get("type") == "file"
+            document = name in (self.MANIFEST, self.CANCEL) and entry.get("type") == "file"
             if ".tmp-" in name and name.split(".tmp-", 1)[0] in RUN_ENTRIES:
                 document = True  # a write that did not finish
             if self._renames and os.path.islink(self.path(name)):
