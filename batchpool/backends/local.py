@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -39,6 +40,8 @@ from typing import Any
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
 from batchpool.errors import BackendError
 from batchpool.processes import WORKER_TOKEN_ENV, new_worker_token
+
+log = logging.getLogger("batchpool")
 
 #: Workers that exit by themselves before they are ready, this many times in a row for the
 #: same reason (an import error, a bad interpreter), stop the pool from trying: the jobs
@@ -144,6 +147,7 @@ class LocalBackend(Backend):
         # Workers that ended before they were ready since one last was: by cause.
         self._start_failures: collections.Counter[str] = collections.Counter()
         self._respawn_at: float | None = None  # when to start the missing workers
+        self._dead = ""  # why the manager thread ended unexpectedly
 
     def max_parallel(self) -> int:
         return self._max_workers
@@ -160,6 +164,8 @@ class LocalBackend(Backend):
         with self._lock:
             if self._closing:
                 raise BackendError("this LocalBackend is closed; create a new one to run jobs")
+            if self._dead:
+                raise BackendError(f"this LocalBackend cannot run jobs: {self._dead}")
             if self._thread is None:
                 self._start_locked()
             elif self._broken:  # try once more: the environment may have been mended
@@ -231,7 +237,7 @@ class LocalBackend(Backend):
         if thread is not None:
             os.write(self._wake_w, b"x")
             thread.join()
-        else:
+        if thread is None or self._dead:  # no manager thread released what the pool holds
             self._release()
 
     # -- workers --------------------------------------------------------------------------
@@ -338,6 +344,26 @@ class LocalBackend(Backend):
                     job.notify(JobEvent(job.id, JobState.RUNNING))
 
     def _manage(self) -> None:
+        try:
+            self._manage_workers()
+        except BaseException as exc:  # never leave a job waiting on a dead thread
+            log.exception("batchpool: the local pool's manager thread failed")
+            self._fail_everything(f"the local pool's manager thread failed: {exc!r}")
+            raise
+
+    def _fail_everything(self, reason: str) -> None:
+        """The manager thread died: no job will be started or reported again."""
+        with self._lock:
+            self._dead = reason
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+            self._queue.clear()
+            for worker in self._workers:
+                _kill(worker.proc)
+        for job in jobs:
+            self._finish(job, JobState.LOST, reason=reason)
+
+    def _manage_workers(self) -> None:
         while True:
             timeout = None
             if self._closing:
@@ -414,10 +440,13 @@ class LocalBackend(Backend):
 
     def _on_exit(self, worker: _Worker) -> None:
         worker.gone = True
-        for fd in (worker.event_pipe, worker.pidfd):
-            if fd >= 0:
-                self._selector.unregister(fd)
-                _close_fd(fd)
+        # Under the lock: a worker that exits at once can be seen here while the
+        # thread that spawned it (holding the lock) has not yet registered its pidfd.
+        with self._lock:
+            for fd in (worker.event_pipe, worker.pidfd):
+                if fd >= 0:
+                    self._selector.unregister(fd)
+                    _close_fd(fd)
         returncode = worker.proc.wait()
         log = _read(worker.log_path)
         try:
