@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any
 
 
@@ -10,15 +11,16 @@ class BatchPoolError(Exception):
     """Base class of the errors batchpool raises itself."""
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(_RemoteTraceback):
     """The traceback of an exception raised in a job, chained as its ``__cause__``.
 
     Printing the exception then shows where it was raised on the worker, as the
-    stdlib's ``ProcessPoolExecutor`` does with its ``_RemoteTraceback``.
+    stdlib's ``ProcessPoolExecutor`` does with its ``_RemoteTraceback`` (which
+    this is, so code that looks for that type finds it).
     """
 
     def __init__(self, tb: str) -> None:
-        super().__init__(tb)
+        Exception.__init__(self, tb)
         self.tb = tb
 
     def __str__(self) -> str:
@@ -46,8 +48,23 @@ class RemoteError(BatchPoolError):
         return (type(self), (self.type_name, self.message, self.traceback_text, self.why))
 
 
-class WorkerLostError(BatchPoolError):
-    """A job ended without writing a result, as many times as it was allowed to try."""
+class WorkerLostError(BatchPoolError, BrokenProcessPool):
+    """A job ended without writing a result, as many times as it was allowed to try.
+
+    It is a ``BrokenProcessPool``, as the stdlib raises when a worker dies, so
+    ``except BrokenProcessPool:`` written for ``ProcessPoolExecutor`` catches it.
+    Unlike the stdlib's pool, the executor is not broken: other calls go on, and
+    this one was retried (``max_attempts``) before it failed.
+    """
+
+
+class InitializerError(BatchPoolError, BrokenProcessPool):
+    """The executor's ``initializer`` raised in a worker.
+
+    The calls that worker would have run fail with it, and so does every later
+    call: the executor is broken, as the stdlib's is. Its ``__cause__`` is the
+    initializer's traceback on the worker.
+    """
 
 
 class SerializationError(pickle.PicklingError, BatchPoolError):
