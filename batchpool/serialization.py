@@ -21,12 +21,17 @@ part of the signed text, so a valid object copied to another key is refused too.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import importlib
+import io
+import linecache
 import pickle
+import re
 import sys
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,11 +88,38 @@ def get_serializer(name: str) -> Serializer:
             return bytes(module.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True))
 
     else:
+        pickler = _cloudpickler(module)
 
         def dumps(obj: Any) -> bytes:
-            return bytes(module.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+            with io.BytesIO() as file:
+                pickler(file, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+                return file.getvalue()
 
     return Serializer(name, str(module.__version__), dumps, module.loads)
+
+
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _cloudpickler(module: Any) -> type:
+    """cloudpickle's Pickler, except that code pickled by value keeps its file name.
+
+    cloudpickle 3 names such code ``<dynamic-code>``, so a call that raised in a
+    function of the user's script showed ``File "<dynamic-code>", line 10`` and no
+    source, where ``ProcessPoolExecutor`` shows the real file and line.
+    """
+    base = module.Pickler
+    code_reduce = base.dispatch_table.get(types.CodeType)
+    if code_reduce is None:  # a cloudpickle that keeps file names itself
+        return base
+
+    def reduce_code(code: types.CodeType) -> Any:
+        constructor, args = code_reduce(code)
+        named = tuple(code.co_filename if arg == _DYNAMIC_CODE else arg for arg in args)
+        return constructor, named
+
+    table = collections.ChainMap({types.CodeType: reduce_code}, base.dispatch_table)
+    return type("Pickler", (base,), {"dispatch_table": table})
 
 
 # -- blobs: objects stored once, referenced from any number of calls ------------------------
@@ -282,6 +314,29 @@ def entry_outcome(entry: Entry, serializer: Serializer) -> tuple[bool, Any]:
                     why = f"it unpickled as a {type(loaded).__name__}, not an exception"
         if remote is None:
             remote = RemoteError(type_name, message, tb, why)
-        remote.__cause__ = RemoteTraceback(tb)
+        remote.__cause__ = RemoteTraceback(with_source_lines(tb))
         return False, remote
     raise ValueError(f"unknown outcome entry kind {kind!r}")
+
+
+_FRAME_LINE = re.compile(r'  File "(?P<file>[^"]+)", line (?P<line>\d+), in .*')
+
+
+def with_source_lines(tb: str) -> str:
+    """A remote traceback's text with the source line of each frame that lacks one,
+    read here: a worker that runs the user's script by value has no copy of the file,
+    but the client that submitted it does."""
+    lines = tb.splitlines(keepends=True)
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        frame = _FRAME_LINE.fullmatch(line.rstrip("\n"))
+        if frame is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith("    "):  # the worker showed the source already
+            continue
+        source = linecache.getline(frame["file"], int(frame["line"])).strip()
+        if source:
+            out.append(f"    {source}\n")
+    return "".join(out)
