@@ -373,6 +373,42 @@ def prepare_worker(serializer_name: str) -> None:
         hook.install()
 
 
+#: In a worker: per module, the globals that functions of it pickled by value brought.
+_namespaces: dict[str, dict[str, Any]] = {}
+
+
+def share_globals(fn: Any) -> None:
+    """In a worker: make a function that arrived by value use its module's globals as
+    this process first received them.
+
+    Each pickle of a function by value carries its own copy of the module globals it
+    uses, so an initializer that fills a module-level dict of the user's script
+    (``cache["model"] = load()``) would fill a copy the calls never see. A module
+    imported once has one namespace per process: so the globals here are taken from
+    the first function of that module that arrived, and new names are added to it.
+    (Rebinding a global, ``global n; n += 1``, still changes only one function's copy.)
+    """
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    namespace = getattr(fn, "__globals__", None)
+    if not isinstance(namespace, dict):
+        return
+    module_name = namespace.get("__name__") or getattr(fn, "__module__", None)
+    if not isinstance(module_name, str):
+        return
+    module = sys.modules.get(module_name)
+    if module is not None and getattr(module, "__dict__", None) is namespace:
+        return  # imported by reference: the real module's globals
+    shared = _namespaces.setdefault(module_name, {})
+    for name, value in list(namespace.items()):
+        if name.startswith("__"):
+            continue
+        if name in shared:
+            namespace[name] = shared[name]
+        else:
+            shared[name] = value
+
+
 def _make_shipper(serializer_name: str) -> _Shipper:
     with _lock:
         shipper = _shippers.get(serializer_name)

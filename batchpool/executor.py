@@ -180,7 +180,12 @@ class BatchPoolExecutor(cf.Executor):
 
     def __init__(
         self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
         *,
+        max_tasks_per_child: int | None = None,
         name: str | None = None,
         backend: Backend | str | None = None,
         image: str | None = None,
@@ -188,7 +193,6 @@ class BatchPoolExecutor(cf.Executor):
         wait_on_exit: bool = True,
         cleanup_bucket: bool = True,
         project: str | None = None,
-        max_workers: int | None = None,
         storage: Any = None,
         storage_options: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
@@ -204,6 +208,19 @@ class BatchPoolExecutor(cf.Executor):
     ) -> None:
         if max_workers is not None:
             _check_positive_int("max_workers", max_workers)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be a callable, not a {type(initializer).__name__}")
+        if max_tasks_per_child is not None:
+            _check_positive_int("max_tasks_per_child", max_tasks_per_child)
+            if isinstance(backend, Backend) and not isinstance(backend, LocalBackend):
+                pass  # each job is a fresh process: chunks of at most that many calls do it
+            elif isinstance(backend, LocalBackend):
+                raise ValueError(
+                    "max_tasks_per_child= applies to the local pool the executor makes; for a "
+                    "LocalBackend you made, pass it there: LocalBackend(max_tasks_per_child=...)"
+                )
+        self._mp_context = mp_context  # workers are always fresh interpreters (README)
+        self._max_tasks_per_child = max_tasks_per_child
         _check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
             raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
@@ -228,7 +245,7 @@ class BatchPoolExecutor(cf.Executor):
         if backend is None or backend == "local":
             if max_workers is None:
                 max_workers = max(1, int((os.cpu_count() or 1) // max(cpus, 1)))
-            backend = LocalBackend(max_workers)
+            backend = LocalBackend(max_workers, max_tasks_per_child=max_tasks_per_child)
         elif isinstance(backend, str):
             backend = make_backend(backend)
         elif not isinstance(backend, Backend):
@@ -238,6 +255,12 @@ class BatchPoolExecutor(cf.Executor):
             )
         self._backend = backend
         self._ship_code = not backend.shares_client_code if ship_code is None else ship_code
+        try:
+            initializer_data = self._pickle_initializer(initializer, initargs)
+        except BaseException:
+            if owns_backend:
+                backend.close()
+            raise
         if image is not None and isinstance(backend, LocalBackend):
             warnings.warn(
                 f"image={image!r} is ignored: the local backend runs jobs with this machine's "
@@ -328,6 +351,10 @@ class BatchPoolExecutor(cf.Executor):
         self._store = store
         self._blob_lock = threading.Lock()
         self._blobs_written: set[str] = set()
+        header: dict[str, Any] = dict(versions)
+        if initializer_data is not None:  # each worker process runs it before its first call
+            ref = self._store_blob(initializer, initializer_data)
+            header["initializer"] = {"digest": ref.digest, "size": ref.size}
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._watcher = Watcher(
@@ -336,7 +363,7 @@ class BatchPoolExecutor(cf.Executor):
             owns_backend=owns_backend,
             serializer=self._serializer,
             secret=secret,
-            header=versions,
+            header=header,
             job_env=job_env,
             resources=self._resources,
             run_name=run_slug(name) if name else self._run_id.rsplit("-", 3)[0],
@@ -494,6 +521,7 @@ class BatchPoolExecutor(cf.Executor):
             return self._resumed_future(keys[0])
         payload = self._pickle_group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
+        future._on_cancel = self._watcher.notify_cancelled
         self._enqueue(
             CallGroup(payload, [future], describe_callable(fn), resources=resources, keys=keys)
         )
@@ -545,6 +573,25 @@ class BatchPoolExecutor(cf.Executor):
         raise error
 
     # -- what travels ------------------------------------------------------------------------
+
+    def _pickle_initializer(
+        self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+    ) -> bytes | None:
+        """``(initializer, initargs)`` pickled, or None; a SerializationError naming the
+        culprit when they cannot be."""
+        if initializer is None:
+            return None
+        initargs = tuple(initargs)
+        if self._ship_code:
+            ship_user_code(self._serializer.name, [initializer, *initargs])
+        try:
+            return self._dumps((initializer, initargs))
+        except _PickleFailed as failed:
+            label = f"the initializer {describe_callable(initializer)}"
+            dumps = self._serializer.dumps
+            calls: list[Call] = [(initargs, {})]
+            error = explain_pickling_error(label, initializer, calls, dumps, failed.error)
+        raise error
 
     def _dumps(self, obj: Any) -> bytes:
         try:
@@ -762,7 +809,21 @@ class BatchPoolExecutor(cf.Executor):
                 future.cancel()
             chunks.close()
 
+    @property
+    def _broken(self) -> str | bool:
+        """Why the executor is broken (its initializer failed), else False: the stdlib's
+        ``ProcessPoolExecutor._broken``, for code that looks."""
+        broken = self._watcher.broken
+        return False if broken is None else str(broken)
+
+    @property
+    def _max_workers(self) -> int:
+        """How many jobs run at once, under the stdlib's name (dask reads it)."""
+        return self._watcher.capacity
+
     def _check_open(self) -> None:
+        if self._watcher.broken is not None:
+            raise self._watcher.broken_error()
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +59,10 @@ class BatchPoolFuture(cf.Future[Any]):
     def cancel(self) -> bool:
         """Cancel the call if it has not started; True if it will never run.
 
-        Unlike a bare ``Future``, waiters in ``wait``/``as_completed`` learn of the
-        cancellation at once, not when the executor next looks at the call.
+        The state becomes ``CANCELLED`` as with any ``Future``, and the executor
+        moves it to ``CANCELLED_AND_NOTIFIED`` (``set_running_or_notify_cancel``)
+        soon after. Unlike a bare ``Future``, waiters already in
+        ``wait``/``as_completed`` learn of the cancellation at once.
         """
         if not super().cancel():
             # Handed to a cluster engine, the call may still wait in its queue.
@@ -68,10 +70,35 @@ class BatchPoolFuture(cf.Future[Any]):
             if record is None or record.canceller is None or self.done():
                 return False
             return record.canceller(record, self)
-        with self._condition:  # re-entrant
+        with self._condition:
             if self._state == cf._base.CANCELLED:
-                self.set_running_or_notify_cancel()
+                self._told = list(self._waiters)
+                for waiter in self._told:
+                    waiter.add_cancelled(self)
+        if self._on_cancel is not None:
+            self._on_cancel(self)
         return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """As ``Future``'s, telling each waiter of a cancellation only once; False,
+        not an error, for a call that was cancelled and whose waiters were told."""
+        with self._condition:
+            if self._state == cf._base.CANCELLED_AND_NOTIFIED:
+                return False
+            if self._state == cf._base.CANCELLED:
+                self._state = cf._base.CANCELLED_AND_NOTIFIED
+                told = self._told
+                for waiter in self._waiters:
+                    if not any(waiter is t for t in told):
+                        waiter.add_cancelled(self)
+                self._told = []
+                return False
+        return super().set_running_or_notify_cancel()
+
+    #: Waiters told of the cancellation by ``cancel`` itself.
+    _told: Sequence[Any] = ()
+    #: Set by the executor: it moves a cancelled future to CANCELLED_AND_NOTIFIED.
+    _on_cancel: Callable[[BatchPoolFuture], None] | None = None
 
     def _cancel_queued(self) -> bool:
         """Cancel a call whose job the engine dropped before it started; for the executor.

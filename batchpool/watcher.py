@@ -37,6 +37,7 @@ from batchpool.chunking import coalesce_target
 from batchpool.documents import JournalEntry, Manifest, StartMarker
 from batchpool.errors import (
     BatchPoolError,
+    InitializerError,
     StorageError,
     WorkerLostError,
     fatal_error,
@@ -188,6 +189,8 @@ class Watcher:
         self._ended: collections.Counter[str] = collections.Counter()  # calls by final state
         self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
         self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
+        #: Why the executor is broken (its initializer failed), as the stdlib's pool breaks.
+        self.broken: BaseException | None = None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
         # chunk id -> its engine job ids and state: manifest.json's job table at close
         self._job_table: dict[str, dict[str, Any]] = {}
@@ -198,6 +201,8 @@ class Watcher:
 
     def enqueue(self, group: CallGroup) -> None:
         with self._lock:
+            if self.broken is not None:
+                raise self.broken_error()
             if self._stopping:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             was_empty = not self._pending
@@ -300,6 +305,11 @@ class Watcher:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def notify_cancelled(self, future: BatchPoolFuture) -> None:
+        """A call's future was cancelled: the watcher marks it notified, as the stdlib's
+        executor does, so that a ``wait`` begun after the cancel returns."""
+        self._events.put(_Notified(future))
+
     def notify(self, event: JobEvent) -> None:
         """The backend's callback: a job's state changed."""
         self._events.put(event)
@@ -340,6 +350,8 @@ class Watcher:
                 self._cancel_queued_jobs()
             elif isinstance(item, _Request):
                 item.answer(self._count_calls())
+            elif isinstance(item, _Notified):
+                item.future.set_running_or_notify_cancel()
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
@@ -640,7 +652,40 @@ class Watcher:
             else:
                 self._ended["Failed"] += 1
                 future.set_exception(value)
+        if meta.get("initializer_failed") and failures:
+            self._break(failures[0])
         del outcomes, failures  # the callers alone keep results alive
+
+    def broken_error(self) -> InitializerError:
+        """A new error for a call refused because the executor is broken."""
+        error = InitializerError(f"the executor is broken: {self.broken}")
+        error.__cause__ = self.broken.__cause__ if self.broken is not None else None
+        return error
+
+    def _break(self, error: BaseException) -> None:
+        """The initializer failed: as the stdlib's pool breaks, fail every call not yet
+        handed over, and refuse new ones (``enqueue``); jobs in flight end as they do."""
+        with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = error
+            groups = list(self._pending)
+            self._pending.clear()
+            parked = list(self._parked)
+            self._parked.clear()
+        logging.getLogger("concurrent.futures").critical(
+            "Exception in initializer:", exc_info=error
+        )
+        for group in groups:
+            for future in group.futures:
+                if future._start():
+                    self._ended["Error"] += 1
+                    future.set_exception(error)
+                else:
+                    self._ended["Cancelled"] += 1
+        for chunk in [*parked, *self._retry]:
+            self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
+        self._retry.clear()
 
     def _record_end(self, chunk: Chunk, meta: dict[str, Any]) -> None:
         """Note how a chunk's job ended (its record, the run's usage)."""
@@ -934,6 +979,13 @@ class Adopted:
 
     chunk: Chunk
     how: str  # "done", "given_up", "engine", "orphan" or "new"
+
+
+@dataclass(eq=False)
+class _Notified:
+    """A cancelled future, to be moved to ``CANCELLED_AND_NOTIFIED``."""
+
+    future: BatchPoolFuture
 
 
 class _Request:

@@ -32,11 +32,12 @@ from typing import Any
 
 from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
-from batchpool.codeship import prepare_worker
+from batchpool.codeship import prepare_worker, share_globals
 from batchpool.documents import Document, EndMarker, StartMarker
 from batchpool.errors import (
     FATAL_EXIT_CODE,
     EnvironmentMismatchError,
+    InitializerError,
     IntegrityError,
     StorageError,
     is_fatal,
@@ -261,12 +262,19 @@ def run_chunk(
     entries: list[Entry] = []
     loads_before = _blob_cache.loads
     serialization.blob_resolver = lambda ref: _blob_cache.get(store, serializer, ref)
+    initializer_failed = ""
     try:
         if mismatch:
             failed = error_entry(EnvironmentMismatchError(mismatch), serializer)
             entries = [failed] * sum(n_calls for n_calls, _, _ in groups)
         else:
-            _run_groups(groups, serializer, entries)
+            init_error = _initialize(store, serializer, header.get("initializer"))
+            if init_error is not None:
+                initializer_failed = f"{type(init_error).__name__}: {init_error}"
+                failed = error_entry(init_error, serializer)
+                entries = [failed] * sum(n_calls for n_calls, _, _ in groups)
+            else:
+                _run_groups(groups, serializer, entries)
     finally:
         serialization.blob_resolver = None
     ended = time.time()
@@ -283,9 +291,44 @@ def run_chunk(
     }
     if mismatch:
         meta["error"] = f"EnvironmentMismatchError: {mismatch}"
+    if initializer_failed:  # the client breaks the executor, as the stdlib's pool breaks
+        meta["error"] = meta["initializer_failed"] = initializer_failed
     result_key = store.result_key(chunk_id, attempt)
     store.put(result_key, seal(secret, result_key, encode_outcome(meta, entries)))
     return meta
+
+
+#: The initializers this process ran (by the digest of their blob): each runs once per
+#: worker process, before its first call, as ``ProcessPoolExecutor``'s do.
+_initialized: set[str] = set()
+
+
+def _initialize(
+    store: Store, serializer: Serializer, initializer: dict[str, Any] | None
+) -> InitializerError | None:
+    """Run the executor's initializer if this process has not yet; the error its calls
+    fail with when it raised (with its traceback, also printed to the job's log)."""
+    if not initializer or initializer["digest"] in _initialized:
+        return None
+    ref = BlobRef(initializer["digest"], int(initializer["size"]), "initializer")
+    name = "the initializer"
+    try:
+        fn, initargs = _blob_cache.get(store, serializer, ref)
+        name = f"the initializer {describe_callable(fn)}"
+        share_globals(fn)
+        fn(*initargs)
+    except BaseException as exc:
+        traceback.print_exc()
+        try:  # raised, so that its traceback text carries the initializer's as its cause
+            raise InitializerError(
+                f"{name} raised {type(exc).__name__}: {exc} in the worker (pid {os.getpid()} "
+                f"on {socket.gethostname()}); the calls it would have served are not run, and "
+                "the executor is broken, as ProcessPoolExecutor's is when its initializer fails"
+            ) from exc
+        except InitializerError as error:
+            return error
+    _initialized.add(ref.digest)
+    return None
 
 
 def _where(chunk_id: str, attempt: int, started: float, ended: float) -> dict[str, Any]:
@@ -329,8 +372,13 @@ def _skip_calls(groups: list[Group], skip: frozenset[int]) -> list[Group]:
     return adjusted
 
 
+#: How many calls this process ran (a pool worker retires after ``max_tasks_per_child``).
+_calls_run = 0
+
+
 def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry]) -> None:
     """Run each group's calls, appending one outcome entry per call to ``entries``."""
+    global _calls_run
     for n_calls, payload, skip in groups:
         try:
             fn, calls = serializer.loads(payload)
@@ -339,11 +387,13 @@ def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry
             entries.extend([error_entry(error, serializer)] * n_calls)
             continue
         name = describe_callable(fn)
+        share_globals(fn)
         skipped = frozenset(skip)
         for index, (args, kwargs) in enumerate(calls):
             if index in skipped:
                 entries.append((SKIPPED,))
                 continue
+            _calls_run += 1
             try:
                 value = fn(*args, **kwargs)
             except BaseException as exc:  # SystemExit and KeyboardInterrupt fail this call only
@@ -540,6 +590,11 @@ def serve(job_fd: int, event_fd: int) -> None:
     hello = json.loads(jobs.readline())
     parent_path = hello["sys_path"]
     sys.path[:] = parent_path + [p for p in sys.path if p not in parent_path]
+    if hello.get("authkey"):  # Manager proxies passed to calls authenticate with it
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = bytes.fromhex(hello["authkey"])
+    max_calls = hello.get("max_calls") or 0
     capture = _Capture(own_file=False)
     send({"ready": os.getpid()})
     for line in jobs:
@@ -555,7 +610,10 @@ def serve(job_fd: int, event_fd: int) -> None:
                 error, fatal = f"{type(exc).__name__}: {exc}", is_fatal(exc)
                 traceback.print_exc()
                 _flush()
-        send({"done": message["job"], "error": error, "fatal": fatal})
+        retire = bool(max_calls) and _calls_run >= max_calls
+        send({"done": message["job"], "error": error, "fatal": fatal, "retire": retire})
+        if retire:  # max_tasks_per_child: the pool starts a fresh process in its place
+            break
 
 
 def main(argv: Sequence[str] | None = None) -> int:

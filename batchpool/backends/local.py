@@ -22,6 +22,7 @@ import collections
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import selectors
 import shutil
@@ -117,13 +118,25 @@ class LocalBackend(Backend):
     shares_client_code = True
 
     def __init__(
-        self, max_workers: int | None = None, *, python: str | None = None, echo_output: bool = True
+        self,
+        max_workers: int | None = None,
+        *,
+        python: str | None = None,
+        echo_output: bool = True,
+        max_tasks_per_child: int | None = None,
     ) -> None:
-        if max_workers is not None:
-            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
-                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
+        for name, value in (
+            ("max_workers", max_workers),
+            ("max_tasks_per_child", max_tasks_per_child),
+        ):
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        # A worker that has run this many calls exits after its job and is replaced.
+        self._max_tasks_per_child = max_tasks_per_child
         self._max_workers = max_workers or os.cpu_count() or 1
         self._python = python or sys.executable
         self._echo = echo_output
@@ -323,7 +336,13 @@ class LocalBackend(Backend):
         self._selector.register(event_r, selectors.EVENT_READ, (worker, False))
         if worker.pidfd >= 0:
             self._selector.register(worker.pidfd, selectors.EVENT_READ, (worker, True))
-        hello = {"sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path]}
+        hello = {
+            "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
+            # multiprocessing's key, so that Manager proxies passed to calls connect back;
+            # through the pipe, not the environment, which other programs may read.
+            "authkey": bytes(multiprocessing.current_process().authkey).hex(),
+            "max_calls": self._max_tasks_per_child,
+        }
         _send(worker, hello)
 
     def _assign_locked(self) -> None:
@@ -416,6 +435,10 @@ class LocalBackend(Backend):
                     self._start_failures.clear()
                     self._assign_locked()
             elif "done" in message:
+                if message.get("retire"):  # it exits now (max_tasks_per_child): no new job
+                    with self._lock:
+                        _close_fd(worker.job_pipe)
+                        worker.job_pipe = -1
                 self._on_done(worker, message.get("error", ""), bool(message.get("fatal")))
         return True
 
