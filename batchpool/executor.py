@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
@@ -17,21 +16,20 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend
-from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError
-from batchpool.future import BatchPoolFuture
+from batchpool.future import BatchPoolFuture, MapBatch
+from batchpool.mapping import AsyncMap, map_parts, results
 from batchpool.processes import boot_id, orphan_grace, process_started
-from batchpool.progress import Progress
 from batchpool.recovery import (
     Reopened,
     adopt,
@@ -63,13 +61,6 @@ from batchpool.watcher import CallGroup, Watcher
 
 #: One call's arguments, as pickled: ``(args, kwargs)``.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-# On Python 3.10 concurrent.futures.TimeoutError is not yet the builtin one: raise
-# something that both ``except`` clauses catch.
-if cf.TimeoutError is TimeoutError:
-    _MapTimeout: type[Exception] = TimeoutError
-else:  # pragma: no cover - Python 3.10
-    _MapTimeout = type("TimeoutError", (cf.TimeoutError, TimeoutError), {})
 
 # -- interpreter exit: as the stdlib does, let submitted work finish ------------------------
 
@@ -146,7 +137,6 @@ class BatchPoolExecutor(cf.Executor):
     - ``wait_on_exit``: whether leaving a ``with`` block waits for the calls.
     - ``cleanup_bucket``: delete the run from storage once every call is done.
     - ``project``: the billing project or account, for backends that have one.
-    - ``max_workers``: how many jobs run at once (local default: CPUs / cpus_per_job).
     - ``storage``: a folder, an fsspec URL (``gs://b/p``, ``s3://b/p``), an fsspec
       filesystem, or ``(filesystem, root)``; ``storage_options`` go to fsspec.
     - ``serializer``: ``"cloudpickle"`` (default) or ``"dill"``.
@@ -621,9 +611,12 @@ class BatchPoolExecutor(cf.Executor):
         An object passed to many calls of one group is pickled once.
         """
         limit = min(self._blob_threshold, self._payload_warning)
-        if not any(
-            sys.getsizeof(a) > limit for args, kwargs in calls for a in (*args, *kwargs.values())
-        ):
+        # In C loops: a map chunk has thousands of calls.
+        arguments = itertools.chain(
+            itertools.chain.from_iterable(args for args, _ in calls),
+            itertools.chain.from_iterable(kwargs.values() for _, kwargs in calls if kwargs),
+        )
+        if max(map(sys.getsizeof, arguments), default=0) <= limit:
             payload = self._dumps((fn, calls))
             if len(payload) <= limit:
                 return payload
@@ -703,111 +696,11 @@ class BatchPoolExecutor(cf.Executor):
         buffersize: int | None,
         progress: bool | None = None,
     ) -> Iterator[Any]:
-        futures = self._map_futures(
-            fn, iterables, timeout, chunksize, buffersize, resources, progress
-        )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._result_iterator(futures, deadline)
-
-    def _map_futures(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...] | list[Iterable[Any]],
-        timeout: float | None,
-        chunksize: int | None,
-        buffersize: int | None,
-        resources: Resources | None = None,
-        progress: bool | None = None,
-    ) -> Generator[list[BatchPoolFuture], None, None]:
-        """Submit ``map``'s chunks (all now, or ``buffersize`` ahead) and yield their futures."""
-        if not callable(fn):
-            raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
-        if chunksize is not None:
-            _check_positive_int("chunksize", chunksize)
-        if buffersize is not None:
-            _check_positive_int("buffersize", buffersize)
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
-        self._check_open()
-        items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
-        length = common_length(iterables)
-        if buffersize is None and length is None:
-            items = list(items)  # everything is submitted now anyway: learn the length
-            length = len(items)
-        if chunksize is None and length is not None:
-            chunksize = auto_chunksize(length, self._watcher.capacity)
-        chunks = iter_chunks(items, chunksize)
-        label = describe_callable(fn)
-
-        first_item = itertools.count()
-
-        bar = Progress(length, label, progress, self._watcher)
-
-        def submit_chunk(chunk: list[tuple[Any, ...]]) -> list[BatchPoolFuture]:
-            start = next(first_item)
-            for _ in range(len(chunk) - 1):
-                next(first_item)
-            where = f"{label} in map() (the chunk of items {start} to {start + len(chunk) - 1})"
-            calls: list[Call] = [(args, {}) for args in chunk]
-            keys = self._call_keys(fn, calls)
-            resumed: list[BatchPoolFuture | None] = [None] * len(calls)
-            if keys is not None:  # resume: calls that returned before are not sent again
-                done = self._reopened_results
-                resumed = [self._resumed_future(k) if k in done else None for k in keys]
-                todo = [i for i, future in enumerate(resumed) if future is None]
-                calls, keys = [calls[i] for i in todo], [keys[i] for i in todo]
-            new: list[BatchPoolFuture] = []
-            if calls:
-                payload = self._pickle_group(fn, calls, where)
-                new = [BatchPoolFuture() for _ in calls]
-                group = CallGroup(payload, new, label, fixed=True, resources=resources, keys=keys)
-                self._enqueue(group)
-            to_run = iter(new)
-            futures = [future or next(to_run) for future in resumed]
-            bar.watch(futures)
-            return futures
-
-        ahead = None if buffersize is None else buffersize
-        submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, ahead))
-
-        if ahead is None:
-            bar.input_done()
-
-        def in_order() -> Generator[list[BatchPoolFuture], None, None]:
-            try:
-                while submitted:
-                    yield submitted.popleft()
-                    if ahead is not None:
-                        for chunk in itertools.islice(chunks, 1):
-                            submitted.append(submit_chunk(chunk))
-                bar.input_done()
-            except GeneratorExit:
-                bar.close()
-                raise
-            finally:  # closed early: cancel what was submitted ahead, read no more input
-                for futures in submitted:
-                    for future in futures:
-                        future.cancel()
-
-        return in_order()
-
-    @staticmethod
-    def _result_iterator(
-        chunks: Generator[list[BatchPoolFuture], None, None], deadline: float | None
-    ) -> Generator[Any, None, None]:
-        futures: collections.deque[BatchPoolFuture] = collections.deque()
-        try:
-            for chunk in chunks:
-                futures.extend(chunk)
-                del chunk
-                while futures:
-                    # Neither this frame nor the deque may hold the future while we are
-                    # suspended at yield: the caller alone keeps the result alive.
-                    yield _result(futures.popleft(), deadline)
-        finally:
-            for future in futures:
-                future.cancel()
-            chunks.close()
+        parts = map_parts(self, fn, iterables, chunksize, buffersize, resources, progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return results(parts, deadline)
 
     @property
     def _broken(self) -> str | bool:
@@ -828,6 +721,30 @@ class BatchPoolExecutor(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _enqueue_batch(
+        self,
+        batch: MapBatch,
+        payload: bytes,
+        label: str,
+        resources: Resources | None,
+        keys: list[str] | None,
+    ) -> None:
+        """Queue one map chunk's calls, with one future for all of them."""
+        self._enqueue(
+            CallGroup(payload, [batch], label, fixed=True, resources=resources, keys=keys)
+        )
+
+    def _resumed_outcome(self, key: str) -> tuple[bool, Any] | None:
+        """``(ok, value)`` of a call that already returned in this run, or None."""
+        data = self._reopened_results.get(key)
+        if data is None:
+            return None
+        self._watcher.count_resumed()
+        try:
+            return True, self._serializer.loads(data)
+        except Exception as exc:
+            return False, exc
 
     def _enqueue(self, group: CallGroup) -> None:
         with self._shutdown_lock:
@@ -899,18 +816,6 @@ class BatchPoolExecutor(cf.Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
         return f"<BatchPoolExecutor {self._run_id} on {self._backend!r}, {state}>"
-
-
-def _result(future: BatchPoolFuture, deadline: float | None) -> Any:
-    try:
-        if deadline is None:
-            return future.result()
-        try:
-            return future.result(max(0.0, deadline - time.monotonic()))
-        except cf.TimeoutError:
-            raise _MapTimeout("map() did not finish within its timeout") from None
-    finally:
-        del future
 
 
 def _reopen_named(fs: Any, root: str, name: str | None, secret: str | bytes | None) -> Reopened:
@@ -1020,88 +925,6 @@ class _PickleFailed(Exception):
 def _put(obj: Any) -> Any:
     """What ``put`` is described as, for diagnostics: a call taking the object."""
     return obj
-
-
-class AsyncMap:
-    """What ``async_map`` returns: awaitable (to an async iterator) and async-iterable."""
-
-    def __init__(
-        self,
-        executor: BatchPoolExecutor,
-        fn: Callable[..., Any],
-        iterables: list[Iterable[Any]],
-        timeout: float | None,
-        chunksize: int | None,
-        resources: Resources | None = None,
-        progress: bool | None = None,
-    ) -> None:
-        self._executor = executor
-        self._resources = resources
-        self._progress = progress
-        self._fn = fn
-        self._iterables = iterables
-        self._chunksize = chunksize
-        self._timeout = timeout
-        self._futures: list[BatchPoolFuture] | None = None
-        self._deadline: float | None = None
-        self._results = self._iterate()
-
-    async def _submit(self) -> None:
-        if self._futures is None:
-            loop = asyncio.get_running_loop()
-            if self._timeout is not None:
-                self._deadline = loop.time() + self._timeout
-
-            def submit_all() -> list[BatchPoolFuture]:
-                chunks = self._executor._map_futures(
-                    self._fn,
-                    self._iterables,
-                    self._timeout,
-                    self._chunksize,
-                    None,
-                    self._resources,
-                    self._progress,
-                )
-                return [future for chunk in chunks for future in chunk]
-
-            self._futures = await asyncio.to_thread(submit_all)
-            self._fn = self._iterables = None  # type: ignore[assignment]
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        await self._submit()
-        assert self._futures is not None
-        futures = collections.deque(self._futures)
-        self._futures = []
-        loop = asyncio.get_running_loop()
-        try:
-            while futures:
-                future = futures.popleft()
-                waiter = asyncio.wrap_future(future)
-                if self._deadline is None:
-                    result = await waiter
-                else:
-                    try:
-                        result = await asyncio.wait_for(
-                            asyncio.shield(waiter), max(0.0, self._deadline - loop.time())
-                        )
-                    except (asyncio.TimeoutError, TimeoutError):
-                        raise _MapTimeout("async_map() did not finish within its timeout") from None
-                del future, waiter
-                yield result
-                del result
-        finally:
-            for future in futures:
-                future.cancel()
-
-    def __await__(self) -> Generator[Any, None, AsyncIterator[Any]]:
-        async def ready() -> AsyncIterator[Any]:
-            await self._submit()
-            return self._results
-
-        return ready().__await__()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._results
 
 
 __all__ = ["AsyncMap", "BatchPoolExecutor"]

@@ -165,3 +165,28 @@ class BatchPoolFuture(cf.Future[Any]):
     async def async_cancel(self) -> bool:
         """``cancel()`` for callers in an event loop (it never blocks)."""
         return self.cancel()
+
+
+@dataclass
+class BatchOutcome:
+    """What a ``MapBatch`` holds once its job ended: each call's value, in order (None
+    where it raised), and the exception of each call that raised, by its index."""
+
+    values: list[Any]
+    errors: dict[int, BaseException]
+
+
+class MapBatch(BatchPoolFuture):
+    """The one future of a ``map`` chunk: ``width`` calls, which the user never holds
+    one by one. Its result is a ``BatchOutcome``; map's iterator yields the values or
+    raises the exceptions item by item. A million-call map makes a few hundred of
+    these instead of a million futures."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+
+def width(member: BatchPoolFuture) -> int:
+    """How many calls a chunk member stands for: 1, or a ``MapBatch``'s width."""
+    return member.width if isinstance(member, MapBatch) else 1

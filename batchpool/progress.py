@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchpool.future import BatchPoolFuture
+    from batchpool.mapping import MapPart
     from batchpool.watcher import Watcher
 
 #: A default bar appears only for maps that run longer than this many seconds.
@@ -57,14 +57,27 @@ class Progress:
             dynamic_ncols=True,
         )
 
-    def watch(self, futures: list[BatchPoolFuture]) -> None:
-        """Count these calls as they end."""
+    def watch(self, part: MapPart, n_calls: int) -> None:
+        """Count the calls of this chunk of the map as they end."""
         if self._bar is None:
             return
         with self._lock:
-            self._watched += len(futures)
-        for future in futures:
-            future.add_done_callback(self._ended)
+            self._watched += n_calls
+        resumed = n_calls - (part.batch.width if part.batch is not None else 0)
+        if resumed:  # returned in an earlier session of the run: done already
+            self._count(resumed, 0)
+        if part.batch is not None:
+            part.batch.add_done_callback(self._ended)
+
+    def _ended(self, batch: cf.Future[Any]) -> None:
+        n_calls = getattr(batch, "width", 1)
+        if batch.cancelled():
+            failed = 0
+        elif batch.exception() is not None:
+            failed = n_calls
+        else:
+            failed = len(batch.result().errors)
+        self._count(n_calls, failed)
 
     def input_done(self) -> None:
         """Every call of the map was submitted: the total is known now."""
@@ -79,15 +92,14 @@ class Progress:
         if finished:
             self.close()
 
-    def _ended(self, future: cf.Future[Any]) -> None:
-        failed = not future.cancelled() and future.exception() is not None
+    def _count(self, n_calls: int, failed: int) -> None:
         with self._lock:
             bar = self._bar
             if bar is None:
                 return
-            self._done += 1
+            self._done += n_calls
             self._failed += failed
-            bar.update(1)
+            bar.update(n_calls)
             now = time.monotonic()
             # Most futures end in the watcher's thread, the one place its counts are
             # read without asking it; a cancel in the caller's thread skips them.

@@ -13,7 +13,11 @@ check versions before it touches anything the user's serializer produced.
   ``skip`` holds the indices of calls cancelled before the chunk was written.
 - Outcome envelope: ``(meta, entries)`` with one entry per call, in order:
   ``(OK, payload)``, ``(ERROR, payload_or_None, type_name, message, traceback)``
-  or ``(SKIPPED,)``.
+  or ``(SKIPPED,)``; or, for a whole group of calls, ``(VALUES, payload, n_calls,
+  special)``: ``payload`` unpickles to the list of the group's return values, and
+  ``special`` maps the index of each call that raised or was skipped to its own
+  entry (its place in the list holds None). One pickle for a group's results is
+  what lets a million-call map cost a few hundred pickles, not a million.
 
 A frame is ``MAGIC + HMAC-SHA256(secret, key + NUL + body) + body``. The key is
 part of the signed text, so a valid object copied to another key is refused too.
@@ -48,6 +52,7 @@ ENVELOPE_PROTOCOL = 5
 OK = "ok"
 ERROR = "error"
 SKIPPED = "skipped"
+VALUES = "values"
 
 Entry = tuple[Any, ...]
 Group = tuple[int, bytes, tuple[int, ...]]
@@ -282,6 +287,68 @@ def value_entry(value: Any, serializer: Serializer, call: str) -> Entry:
         )
         error.__cause__ = exc
         return error_entry(error, serializer)
+
+
+def group_values_entry(
+    values: list[Any], special: dict[int, Entry], serializer: Serializer
+) -> Entry | None:
+    """One entry for a group's outcomes (``VALUES``), or None when a value cannot be
+    pickled with the others (each call then gets its own entry, and only the call
+    whose value cannot be pickled fails)."""
+    try:
+        return (VALUES, serializer.dumps(values), len(values), special)
+    except BaseException:
+        return None
+
+
+def calls_in(entries: list[Entry]) -> int:
+    """How many calls an outcome's entries stand for."""
+    return sum(entry[2] if entry[0] == VALUES else 1 for entry in entries)
+
+
+def per_call_entries(entries: list[Entry]) -> list[Entry]:
+    """The entries that are not values (errors, skips), across the chunk, in order."""
+    found: list[Entry] = []
+    for entry in entries:
+        if entry[0] == VALUES:
+            found.extend(entry[3][i] for i in sorted(entry[3]))
+        else:
+            found.append(entry)
+    return found
+
+
+def outcome_values(
+    entries: list[Entry], serializer: Serializer, wanted: Callable[[int, int], bool]
+) -> tuple[list[Any], dict[int, BaseException]]:
+    """Every call's value (None where it raised or was skipped), and the exception of
+    each call that raised, by its index in the chunk. ``wanted(first, n)`` says
+    whether the calls ``first`` to ``first + n - 1`` are still wanted: the results of
+    a group whose calls were all cancelled are not unpickled."""
+    values: list[Any] = []
+    errors: dict[int, BaseException] = {}
+    for entry in entries:
+        first = len(values)
+        if entry[0] == VALUES:
+            n = entry[2]
+            loaded: Any = None
+            if wanted(first, n):
+                ok, loaded = entry_outcome((OK, entry[1]), serializer)
+                if not ok:  # the list could not be unpickled: every call fails with it
+                    errors.update(dict.fromkeys(range(first, first + n), loaded))
+                    loaded = None
+            values.extend(loaded if loaded is not None else [None] * n)
+            for i, special in entry[3].items():
+                values[first + i] = None
+                if special[0] == ERROR:
+                    errors[first + i] = entry_outcome(special, serializer)[1]
+        elif entry[0] == SKIPPED or not wanted(first, 1):
+            values.append(None)
+        else:
+            ok, value = entry_outcome(entry, serializer)
+            values.append(value if ok else None)
+            if not ok:
+                errors[first] = value
+    return values, errors
 
 
 def entry_outcome(entry: Entry, serializer: Serializer) -> tuple[bool, Any]:

@@ -42,16 +42,17 @@ from batchpool.errors import (
     WorkerLostError,
     fatal_error,
 )
-from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord
+from batchpool.future import JOB_STATES, BatchOutcome, BatchPoolFuture, JobRecord, MapBatch, width
 from batchpool.processes import is_our_worker
 from batchpool.runs import Usage
 from batchpool.safetext import printable
 from batchpool.serialization import (
     Group,
     Serializer,
+    calls_in,
     decode_outcome,
     encode_chunk,
-    entry_outcome,
+    outcome_values,
     seal,
     unseal,
 )
@@ -77,7 +78,10 @@ MAX_STATUS_FAILURES = 10
 
 @dataclass(eq=False)
 class CallGroup:
-    """Calls that share one pickled payload: one ``submit``, or one ``map`` chunk."""
+    """Calls that share one pickled payload: one ``submit``, or one ``map`` chunk.
+
+    ``futures`` are its members: one future per call, or a map chunk's one
+    ``MapBatch`` that stands for all its calls."""
 
     payload: bytes
     futures: list[BatchPoolFuture]
@@ -85,14 +89,21 @@ class CallGroup:
     fixed: bool = False  # a map chunk, sized already: never merged with other groups
     resources: Resources | None = None  # None: the executor's
     keys: list[str] | None = None  # each call's content hash, for resume=True runs
+    #: Marked running as it was enqueued, into a free slot (see ``Watcher.enqueue``).
+    started: bool = False
+
+    @property
+    def n_calls(self) -> int:
+        return sum(width(f) for f in self.futures)
 
 
 @dataclass(eq=False)
 class Chunk:
-    """Calls that run as one job; ``futures`` is aligned with the outcome's entries."""
+    """Calls that run as one job. ``futures`` are its members, ``widths`` how many of the
+    outcome's entries each stands for, in order (empty: one each)."""
 
     id: str
-    futures: list[BatchPoolFuture | None]  # None where a call was cancelled and is skipped
+    futures: list[BatchPoolFuture | None]  # None where a member was cancelled and is skipped
     labels: list[str]
     resources: Resources
     record: JobRecord | None = None
@@ -106,6 +117,23 @@ class Chunk:
     #: when it is waited for.
     worker: StartMarker | None = None
     orphan_deadline: float = 0.0
+    widths: list[int] = field(default_factory=list)
+
+    def spans(self) -> list[tuple[BatchPoolFuture | None, int, int]]:
+        """``(member, first entry, width)`` for each member."""
+        widths = self.widths or [1] * len(self.futures)
+        spans, first = [], 0
+        for member, n in zip(self.futures, widths, strict=True):
+            spans.append((member, first, n))
+            first += n
+        return spans
+
+    @property
+    def n_calls(self) -> int:
+        return sum(self.widths) if self.widths else len(self.futures)
+
+    def live_calls(self) -> int:
+        return sum(n for member, _, n in self.spans() if member is not None)
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -117,12 +145,12 @@ class Chunk:
         return {
             "attempts": self.attempt,
             "job_ids": list(self.record.job_ids) if self.record is not None else [self.job_id],
-            "calls": len(self.futures),
+            "calls": self.n_calls,
             "state": self.state,
         }
 
     def describe(self) -> str:
-        calls = sum(f is not None for f in self.futures)
+        calls = self.live_calls()
         names = ", ".join(sorted(set(self.labels)))
         return f"{calls} call{'s' if calls != 1 else ''} to {names}"
 
@@ -166,6 +194,7 @@ class Watcher:
         self._cleanup = cleanup
         self._lock = threading.Lock()
         self._pending: collections.deque[CallGroup] = collections.deque()
+        self._claimed = 0  # groups in _pending marked started by enqueue
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, Chunk] = {}  # job id -> chunk
         self._retry: collections.deque[Chunk] = collections.deque()
@@ -186,7 +215,11 @@ class Watcher:
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
         self._on_cleanup = on_cleanup
-        self._ended: collections.Counter[str] = collections.Counter()  # calls by final state
+        # Calls by final state; changed by the watcher thread only (a += from two
+        # threads loses counts).
+        self._ended: collections.Counter[str] = collections.Counter()
+        self._resumed = 0  # calls that returned in an earlier session (callers' threads)
+        self._cancelled_pending = 0  # calls cancel_pending cancelled (callers' threads)
         self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
         self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
         #: Why the executor is broken (its initializer failed), as the stdlib's pool breaks.
@@ -205,6 +238,16 @@ class Watcher:
                 raise self.broken_error()
             if self._stopping:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            # A call handed to an idle pool counts as started at once, as the stdlib's
+            # call queue marks it (max_workers + 1 calls): shutdown(cancel_futures=True)
+            # right after then cancels only what a stdlib pool would not have started.
+            # In order only: not while an earlier group waits unstarted.
+            slots = min(self._limit, self.capacity + 1) - len(self._inflight) - self._claimed
+            if slots > 0 and self._claimed == len(self._pending) and not self._parked:
+                for future in group.futures:
+                    future._start()
+                group.started = True
+                self._claimed += 1
             was_empty = not self._pending
             self._pending.append(group)
         if was_empty:  # otherwise a wake-up is on its way, or a job's end will come
@@ -214,18 +257,20 @@ class Watcher:
         """Cancel every call not yet handed to the backend."""
         with self._lock:
             self._cancel_epoch += 1
-            groups = list(self._pending)
+            groups = [group for group in self._pending if not group.started]
+            started = [group for group in self._pending if group.started]
             self._pending.clear()
+            self._pending.extend(started)  # running already: they run
         cancelled = 0
         for group in groups:
             for future in group.futures:
-                cancelled += future.cancel()
+                cancelled += width(future) if future.cancel() else 0
         with self._lock:  # parked chunks: their calls are skipped when handed over
             parked = [f for chunk in self._parked for f in chunk.futures if f is not None]
         for future in parked:
             future.cancel()  # counted when the chunk is handed over
         with self._lock:
-            self._ended["Cancelled"] += cancelled
+            self._cancelled_pending += cancelled
         self._events.put(_WAKE)
 
     def cancel_queued(self) -> None:
@@ -287,8 +332,8 @@ class Watcher:
 
     def count_resumed(self) -> None:
         """A call of a resumed run returned its earlier result without running."""
-        with self._lock:
-            self._ended["Success"] += 1
+        with self._lock:  # not _ended, which only the watcher thread changes
+            self._resumed += 1
 
     def usage(self) -> Usage:
         """What the jobs that ended so far used (a copy)."""
@@ -401,21 +446,21 @@ class Watcher:
                 if not cancelled:
                     self._parked.append(chunk)
             if cancelled:  # cancel_pending ran while the chunk was being written
-                for i, future in enumerate(chunk.futures):
+                for i, (future, _, n) in enumerate(chunk.spans()):
                     if future is not None and future.cancel():
                         chunk.futures[i] = None
-                        self._ended["Cancelled"] += 1
+                        self._ended["Cancelled"] += n
                 chunk.set_state("Cancelled")
                 self._journal_given_up(chunk, "Cancelled", "cancelled before it was handed over")
 
     def _start_parked(self, chunk: Chunk) -> bool:
         """Mark a parked chunk's calls running as it is handed over; False when every
         call was cancelled while it waited (the chunk is dropped). Under ``_lock``."""
-        for i, future in enumerate(chunk.futures):
-            if future is not None and not future._start():
+        for i, (future, first, n) in enumerate(chunk.spans()):
+            if future is not None and not future._start() and future.cancelled():
                 chunk.futures[i] = None
-                chunk.late_skip.append(i)
-                self._ended["Cancelled"] += 1
+                chunk.late_skip.extend(range(first, first + n))
+                self._ended["Cancelled"] += n
         if any(f is not None for f in chunk.futures):
             return True
         chunk.set_state("Cancelled")
@@ -440,14 +485,19 @@ class Watcher:
                 ):
                     break
                 self._pending.popleft()
+                if group.started:
+                    self._claimed -= 1
+                # Members cancelled meanwhile (a claimed group's are running: never).
                 if start:
-                    skip = [i for i, f in enumerate(group.futures) if not f._start()]
+                    skip = [
+                        i for i, f in enumerate(group.futures) if not f._start() and f.cancelled()
+                    ]
                 else:
                     skip = [i for i, f in enumerate(group.futures) if f.cancelled()]
-                self._ended["Cancelled"] += len(skip)
+                self._ended["Cancelled"] += sum(width(group.futures[i]) for i in skip)
                 if len(skip) < len(group.futures):
                     taken.append((group, skip))
-                    n_calls += len(group.futures)
+                    n_calls += group.n_calls
         return taken
 
     def _make_chunk(self, taken: list[tuple[CallGroup, list[int]]]) -> Chunk | None:
@@ -463,14 +513,21 @@ class Watcher:
         groups: list[Group] = []
         keys: list[str] = []
         for group, skip in taken:
-            keys.extend(group.keys or [""] * len(group.futures))
+            n_calls = group.n_calls
+            keys.extend(group.keys or [""] * n_calls)
             skipped = set(skip)
             chunk.futures.extend(None if i in skipped else f for i, f in enumerate(group.futures))
+            chunk.widths.extend(width(f) for f in group.futures)
+            skipped_calls: list[int] = []
+            first = 0
             for i, future in enumerate(group.futures):
-                if i not in skipped:
+                if i in skipped:
+                    skipped_calls.extend(range(first, first + width(future)))
+                else:
                     future._job = chunk.record
+                first += width(future)
             chunk.labels.append(group.label)
-            groups.append((len(group.futures), group.payload, tuple(skip)))
+            groups.append((n_calls, group.payload, tuple(skipped_calls)))
         key = self.store.chunk_key(chunk.id)
         try:
             header = {**self._header, "labels": chunk.labels, "keys": keys}
@@ -509,7 +566,7 @@ class Watcher:
                     "chunk": chunk.id,
                     "attempt": chunk.attempt,
                     "job_id": chunk.job_id,
-                    "calls": len(chunk.futures),
+                    "calls": chunk.n_calls,
                     "labels": sorted(set(chunk.labels)),
                     "cpus": chunk.resources.cpus,
                 }
@@ -624,9 +681,9 @@ class Watcher:
         try:
             meta, entries = decode_outcome(unseal(self._secret, key, frame))
             del frame
-            if not meta.get("fatal") and len(entries) != len(chunk.futures):
+            if not meta.get("fatal") and calls_in(entries) != chunk.n_calls:
                 raise BatchPoolError(
-                    f"{key} holds {len(entries)} outcomes for {len(chunk.futures)} calls"
+                    f"{key} holds {calls_in(entries)} outcomes for {chunk.n_calls} calls"
                 )
         except Exception as exc:
             self._fail(chunk, exc)
@@ -636,25 +693,37 @@ class Watcher:
             error = fatal_error(str(meta["fatal"]))
             self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
             return
-        outcomes = []
-        for future, entry in zip(chunk.futures, entries, strict=True):
-            if future is not None:
-                outcomes.append((future, *entry_outcome(entry, self._serializer)))
-        failures = [value for _, ok, value in outcomes if not ok]
+        live: set[int] = set()  # the calls whose results are still wanted
+        for future, first, n in chunk.spans():
+            if future is not None and not future.done():
+                live.update(range(first, first + n))
+        values, errors = outcome_values(
+            entries, self._serializer, lambda first, n: not live.isdisjoint(range(first, first + n))
+        )
+        del entries
+        failures = list(errors.values())
         if failures:
             self._add_log_tail(chunk, failures)
-        for future, ok, value in outcomes:
+        for future, first, n in chunk.spans():
+            if future is None:
+                continue
             if future.done():  # cancelled while its job ran
-                self._ended["Cancelled"] += 1
-            elif ok:  # counted first: done-callbacks may ask for status()
-                self._ended["Success"] += 1
-                future.set_result(value)
+                self._ended["Cancelled"] += n
+                continue
+            mine = {i - first: e for i, e in errors.items() if first <= i < first + n}
+            # Counted first: done-callbacks may ask for status().
+            self._ended["Success"] += n - len(mine)
+            self._ended["Failed"] += len(mine)
+            if isinstance(future, MapBatch):
+                future.set_result(BatchOutcome(values[first : first + n], mine))
+            elif mine:
+                future.set_exception(mine[0])
             else:
-                self._ended["Failed"] += 1
-                future.set_exception(value)
+                future.set_result(values[first])
+        del values
         if meta.get("initializer_failed") and failures:
             self._break(failures[0])
-        del outcomes, failures  # the callers alone keep results alive
+        del failures  # the callers alone keep results alive
 
     def broken_error(self) -> InitializerError:
         """A new error for a call refused because the executor is broken."""
@@ -678,11 +747,11 @@ class Watcher:
         )
         for group in groups:
             for future in group.futures:
-                if future._start():
-                    self._ended["Error"] += 1
+                if not future.done():
+                    self._ended["Error"] += width(future)
                     future.set_exception(error)
                 else:
-                    self._ended["Cancelled"] += 1
+                    self._ended["Cancelled"] += width(future)
         for chunk in [*parked, *self._retry]:
             self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
         self._retry.clear()
@@ -698,7 +767,7 @@ class Watcher:
             record.started, record.ended = meta.get("started"), meta.get("ended")
             record.cpu_seconds = meta.get("cpu_seconds")
             record.peak_memory_bytes = meta.get("peak_memory_bytes")
-            calls = meta.get("calls", len(chunk.futures))
+            calls = meta.get("calls", chunk.n_calls)
             errors = meta.get("errors") or []
             record.exit = f"{failed}/{calls} raised" if failed else "ok"
             if errors:
@@ -823,10 +892,10 @@ class Watcher:
             parked = list(self._parked)
             self._parked.clear()
         for chunk in parked:
-            for i, future in enumerate(chunk.futures):
+            for i, (future, _, n) in enumerate(chunk.spans()):
                 if future is not None:
                     chunk.futures[i] = None
-                    self._ended["Cancelled"] += 1
+                    self._ended["Cancelled"] += n
             chunk.set_state("Cancelled")
             self._journal_given_up(chunk, "Cancelled", "batchpool cancel")
         if self._inflight:  # each ends as CANCELLED, and is not retried
@@ -851,14 +920,14 @@ class Watcher:
         if chunk.record is not None:
             ended = "cancelled" if state == "Cancelled" else "lost"
             chunk.record.exit = f"{ended}: {reason or exc}"
-        for future in chunk.futures:
+        for future, _, n in chunk.spans():
             if future is None:
                 continue
             if not future.done():
-                self._ended[state] += 1
+                self._ended[state] += n
                 future.set_exception(exc)
             elif future.cancelled():
-                self._ended["Cancelled"] += 1
+                self._ended["Cancelled"] += n
         self._journal_given_up(chunk, state, reason or f"{type(exc).__name__}: {exc}")
 
     def _journal_given_up(self, chunk: Chunk, state: str, reason: str) -> None:
@@ -918,14 +987,16 @@ class Watcher:
             pending = [f for group in self._pending for f in group.futures]
             pending += [f for chunk in self._parked for f in chunk.futures if f is not None]
             counts.update(self._ended)
+            counts["Success"] += self._resumed
+            counts["Cancelled"] += self._cancelled_pending
         for future in pending:
-            counts["Cancelled" if future.cancelled() else "Pending"] += 1
+            counts["Cancelled" if future.cancelled() else "Pending"] += width(future)
         chunks = [*self._retry, *self._inflight.values(), *self._orphans.values()]
         for chunk in chunks:
             state = "Pending" if chunk in self._retry else chunk.state
-            for call in chunk.futures:
+            for call, _, n in chunk.spans():
                 if call is not None:
-                    counts["Cancelled" if call.cancelled() else state] += 1
+                    counts["Cancelled" if call.cancelled() else state] += n
         return {state: counts[state] for state in JOB_STATES if counts[state]}
 
     def _fail_everything(self, exc: BaseException) -> None:
@@ -944,13 +1015,13 @@ class Watcher:
             self._parked.clear()
         for chunk in parked:
             for future in chunk.futures:
-                if future is not None and future._start():
+                if future is not None and not future.done():
                     future.set_exception(error)
         for chunk in [*self._inflight.values(), *self._retry]:
             self._fail(chunk, error)
         for group in groups:
             for future in group.futures:
-                if future._start():
+                if not future.done():
                     future.set_exception(error)
         self._inflight.clear()
         self._retry.clear()

@@ -52,11 +52,14 @@ from batchpool.serialization import (
     Group,
     Serializer,
     blob_digest,
+    calls_in,
     decode_chunk,
     describe_callable,
     encode_outcome,
     error_entry,
     get_serializer,
+    group_values_entry,
+    per_call_entries,
     seal,
     unseal,
     value_entry,
@@ -274,19 +277,22 @@ def run_chunk(
                 failed = error_entry(init_error, serializer)
                 entries = [failed] * sum(n_calls for n_calls, _, _ in groups)
             else:
-                _run_groups(groups, serializer, entries)
+                # resume=True runs keep one entry per call: earlier results are
+                # found by each call's content key (recovery.earlier_outcomes).
+                _run_groups(groups, serializer, entries, compact=not any(header.get("keys") or ()))
     finally:
         serialization.blob_resolver = None
     ended = time.time()
+    special = per_call_entries(entries)
     meta = {
         **_where(chunk_id, attempt, started, ended),
         "wall_seconds": round(ended - started, 6),
         "cpu_seconds": round(_cpu_seconds() - cpu_before, 6),
         "peak_memory_bytes": _peak_memory_bytes(),
-        "calls": sum(entry[0] != SKIPPED for entry in entries),
-        "failed": sum(entry[0] == ERROR for entry in entries),
+        "calls": calls_in(entries) - sum(e[0] == SKIPPED for e in special),
+        "failed": sum(e[0] == ERROR for e in special),
         # The first few, readable without the secret (``batchpool status``).
-        "errors": [f"{e[2]}: {e[3]}"[:300] for e in entries if e[0] == ERROR][:3],
+        "errors": [f"{e[2]}: {e[3]}"[:300] for e in special if e[0] == ERROR][:3],
         "blobs_loaded": _blob_cache.loads - loads_before,
     }
     if mismatch:
@@ -376,8 +382,11 @@ def _skip_calls(groups: list[Group], skip: frozenset[int]) -> list[Group]:
 _calls_run = 0
 
 
-def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry]) -> None:
-    """Run each group's calls, appending one outcome entry per call to ``entries``."""
+def _run_groups(
+    groups: list[Group], serializer: Serializer, entries: list[Entry], compact: bool = False
+) -> None:
+    """Run each group's calls, appending their outcome entries to ``entries``: one per
+    call, or with ``compact`` one per group whose values pickle together."""
     global _calls_run
     for n_calls, payload, skip in groups:
         try:
@@ -389,18 +398,29 @@ def _run_groups(groups: list[Group], serializer: Serializer, entries: list[Entry
         name = describe_callable(fn)
         share_globals(fn)
         skipped = frozenset(skip)
+        values: list[Any] = []
+        special: dict[int, Entry] = {}  # the calls that raised or were skipped
         for index, (args, kwargs) in enumerate(calls):
             if index in skipped:
-                entries.append((SKIPPED,))
+                special[index] = (SKIPPED,)
+                values.append(None)
                 continue
             _calls_run += 1
             try:
-                value = fn(*args, **kwargs)
+                values.append(fn(*args, **kwargs))
             except BaseException as exc:  # SystemExit and KeyboardInterrupt fail this call only
-                entries.append(error_entry(exc, serializer))
-            else:
-                entries.append(value_entry(value, serializer, name))
-                del value  # the result must not outlive its pickled entry
+                special[index] = error_entry(exc, serializer)
+                values.append(None)
+        del calls
+        group_entry = (
+            group_values_entry(values, serializer=serializer, special=special) if compact else None
+        )
+        if group_entry is not None:
+            entries.append(group_entry)
+            continue
+        for index, value in enumerate(values):
+            entries.append(special.get(index) or value_entry(value, serializer, name))
+        del values  # the results must not outlive their pickled entries
 
 
 class _Capture:

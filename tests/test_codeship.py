@@ -34,7 +34,9 @@ from batchpool import codeship
 from batchpool.codeship import is_user_module, ship_user_code
 from batchpool.serialization import (
     ERROR,
+    OK,
     SECRET_ENV,
+    VALUES,
     Entry,
     Serializer,
     client_versions,
@@ -162,7 +164,7 @@ class HandWorker:
         assert done.returncode == 0, done.stdout + done.stderr
         result_key = self.store.result_key(chunk_id, 1)
         _, entries = decode_outcome(unseal(self.secret, result_key, self.store.get(result_key)))
-        return entries
+        return per_call(entries, serializer)
 
     def python(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -445,3 +447,16 @@ def test_shipping_again_costs_no_new_decision_or_registration(
     assert counts["sweep"] == first["sweep"] + 1
     assert counts["register"] == first["register"] + 1
     assert registered[-1] == "otherpkg"
+
+
+def per_call(entries: list[Any], serializer: Serializer) -> list[Any]:
+    """An outcome's entries one per call: a group's ``VALUES`` entry is spread out."""
+    spread: list[Any] = []
+    for entry in entries:
+        if entry[0] != VALUES:
+            spread.append(entry)
+            continue
+        values = serializer.loads(entry[1])
+        for i, value in enumerate(values):
+            spread.append(entry[3].get(i) or (OK, serializer.dumps(value)))
+    return spread

@@ -21,8 +21,8 @@ from batchpool.serialization import (
     client_versions,
     decode_outcome,
     encode_chunk,
-    entry_outcome,
     get_serializer,
+    outcome_values,
     seal,
     unseal,
 )
@@ -234,7 +234,8 @@ def run_worker_on(tmp_path: Path, header: dict[str, str], calls: int = 2) -> lis
     assert done.returncode == 0, done.stderr
     result_key = store.result_key(chunk_id, 1)
     _, entries = decode_outcome(unseal(secret, result_key, store.get(result_key)))
-    return [entry_outcome(e, serializer) for e in entries]
+    values, errors = outcome_values(entries, serializer, lambda first, n: True)
+    return [(False, errors[i]) if i in errors else (True, v) for i, v in enumerate(values)]
 
 
 def test_a_worker_on_another_python_fails_the_calls_saying_both_versions(tmp_path: Path) -> None:

@@ -1,0 +1,288 @@
+"""``map`` and ``async_map``: the input cut into chunks, one future per chunk, results in order.
+
+A million-call map makes a few hundred futures, not a million, as the stdlib's
+``ProcessPoolExecutor.map`` does with a chunksize: each chunk is one ``MapBatch``
+whose result is the outcome of each of its calls, and the iterator flattens them
+lazily, raising a call's exception when its item is reached. The input is read
+chunk by chunk (all of it at once, or ``buffersize`` chunks ahead of the caller),
+and each chunk is pickled in the caller's thread, where a pickling problem is
+raised at once.
+
+In a ``resume=True`` run, the calls of a chunk that returned before are not sent
+again: the chunk's ``MapPart`` holds their earlier results, and a ``MapBatch``
+only for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from batchpool.chunking import auto_chunksize, common_length, iter_chunks
+from batchpool.future import BatchOutcome, MapBatch
+from batchpool.progress import Progress
+from batchpool.serialization import describe_callable
+
+if TYPE_CHECKING:
+    from batchpool.backends.base import Resources
+    from batchpool.executor import BatchPoolExecutor
+
+# On Python 3.10 concurrent.futures.TimeoutError is not yet the builtin one: raise
+# something that both ``except`` clauses catch.
+if cf.TimeoutError is TimeoutError:
+    MapTimeout: type[Exception] = TimeoutError
+else:  # pragma: no cover - Python 3.10
+    MapTimeout = type("TimeoutError", (cf.TimeoutError, TimeoutError), {})
+
+#: In a ``MapPart``'s ``resumed``: this call runs (its outcome comes from the batch).
+_RUNS = object()
+
+
+@dataclass(eq=False)
+class MapPart:
+    """One chunk of a map: the batch of its calls that run, and (``resume=True``) the
+    earlier outcomes of those that do not, at their positions."""
+
+    batch: MapBatch | None
+    resumed: list[Any] | None = None  # (ok, value) per call, or _RUNS
+
+    def cancel(self) -> None:
+        if self.batch is not None:
+            self.batch.cancel()
+
+    def values(self, deadline: float | None) -> Iterator[Any]:
+        """Each call's value, in order, once the batch is done; a call's exception is
+        raised at its item."""
+        ran: Iterator[Any] = iter(())
+        if self.batch is not None:
+            ran = _batch_values(self.batch, deadline)
+        if self.resumed is None:
+            return ran
+        return _merge(self.resumed, ran)
+
+
+def map_parts(
+    executor: BatchPoolExecutor,
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...] | list[Iterable[Any]],
+    chunksize: int | None,
+    buffersize: int | None,
+    resources: Resources | None,
+    progress: bool | None,
+) -> Generator[MapPart, None, None]:
+    """Submit a map's chunks (all now, or ``buffersize`` ahead) and yield them in order.
+
+    Everything is checked and, without ``buffersize``, submitted before this returns;
+    closing the generator cancels what was submitted and not yet yielded."""
+    if not callable(fn):
+        raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
+    if chunksize is not None:
+        _check_positive("chunksize", chunksize)
+    if buffersize is not None:
+        _check_positive("buffersize", buffersize)
+    executor._check_open()
+    items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
+    length = common_length(iterables)
+    if buffersize is None and length is None:
+        items = list(items)  # everything is submitted now anyway: learn the length
+        length = len(items)
+    if chunksize is None and length is not None:
+        chunksize = auto_chunksize(length, executor._watcher.capacity)
+    chunks = iter_chunks(items, chunksize)
+    label = describe_callable(fn)
+    bar = Progress(length, label, progress, executor._watcher)
+    first_item = 0
+
+    def submit_chunk(chunk: list[tuple[Any, ...]]) -> MapPart:
+        nonlocal first_item
+        start, first_item = first_item, first_item + len(chunk)
+        where = f"{label} in map() (the chunk of items {start} to {first_item - 1})"
+        no_kwargs: dict[str, Any] = {}  # one object: pickled once, copied by each call
+        calls = [(args, no_kwargs) for args in chunk]
+        part = MapPart(None)
+        keys = executor._call_keys(fn, calls)
+        if keys is not None:  # resume: calls that returned before are not sent again
+            earlier = [executor._resumed_outcome(key) for key in keys]
+            if any(outcome is not None for outcome in earlier):
+                part.resumed = [_RUNS if outcome is None else outcome for outcome in earlier]
+                todo = [i for i, outcome in enumerate(earlier) if outcome is None]
+                calls, keys = [calls[i] for i in todo], [keys[i] for i in todo]
+        if calls:
+            payload = executor._pickle_group(fn, calls, where)
+            part.batch = MapBatch(len(calls))
+            executor._enqueue_batch(part.batch, payload, label, resources, keys)
+        bar.watch(part, len(chunk))
+        return part
+
+    submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, buffersize))
+    if buffersize is None:
+        bar.input_done()
+
+    def in_order() -> Generator[MapPart, None, None]:
+        try:
+            while submitted:
+                yield submitted.popleft()
+                if buffersize is not None:
+                    for chunk in itertools.islice(chunks, 1):
+                        submitted.append(submit_chunk(chunk))
+            bar.input_done()
+        except GeneratorExit:
+            bar.close()
+            raise
+        finally:  # closed early: cancel what was submitted ahead, read no more input
+            for part in submitted:
+                part.cancel()
+
+    return in_order()
+
+
+def results(parts: Generator[MapPart, None, None], deadline: float | None) -> Iterator[Any]:
+    """The results of a map's calls in order; a call's exception raised at its item."""
+    try:
+        for part in parts:
+            values = part.values(deadline)
+            del part  # the caller alone keeps results alive
+            yield from values
+    finally:
+        parts.close()
+
+
+def _batch_values(batch: MapBatch, deadline: float | None) -> Iterator[Any]:
+    try:
+        if deadline is None:
+            outcome: BatchOutcome = batch.result()
+        else:
+            outcome = batch.result(max(0.0, deadline - time.monotonic()))
+    except cf.TimeoutError:
+        raise MapTimeout("map() did not finish within its timeout") from None
+    # Read once: the batch lets go of its values, which the caller alone keeps.
+    batch._result = None
+    return _values(outcome)
+
+
+def _values(outcome: BatchOutcome) -> Iterator[Any]:
+    values, errors = outcome.values, outcome.errors
+    del outcome
+    # Popped, as the stdlib's map does: a result the caller dropped is freed at once.
+    values.reverse()
+    if not errors:
+        while values:
+            yield values.pop()
+        return
+    i = -1
+    while values:
+        i += 1
+        if i in errors:
+            raise errors[i]
+        yield values.pop()
+
+
+def _merge(resumed: list[Any], ran: Iterator[Any]) -> Iterator[Any]:
+    """A resumed chunk's values: earlier outcomes where the calls are not run again."""
+    for earlier in resumed:
+        if earlier is _RUNS:
+            yield next(ran)
+        else:
+            ok, value = earlier
+            if not ok:
+                raise value
+            yield value
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0")
+
+
+class AsyncMap:
+    """What ``async_map`` returns: awaitable (to an async iterator) and async-iterable."""
+
+    def __init__(
+        self,
+        executor: BatchPoolExecutor,
+        fn: Callable[..., Any],
+        iterables: list[Iterable[Any]],
+        timeout: float | None,
+        chunksize: int | None,
+        resources: Resources | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self._executor = executor
+        self._resources = resources
+        self._progress = progress
+        self._fn = fn
+        self._iterables = iterables
+        self._chunksize = chunksize
+        self._timeout = timeout
+        self._parts: collections.deque[MapPart] | None = None
+        self._deadline: float | None = None
+        self._results = self._iterate()
+
+    async def _submit(self) -> None:
+        if self._parts is None:
+            loop = asyncio.get_running_loop()
+            if self._timeout is not None:
+                self._deadline = loop.time() + self._timeout
+
+            def submit_all() -> collections.deque[MapPart]:
+                parts = map_parts(
+                    self._executor,
+                    self._fn,
+                    self._iterables,
+                    self._chunksize,
+                    None,
+                    self._resources,
+                    self._progress,
+                )
+                return collections.deque(parts)
+
+            self._parts = await asyncio.to_thread(submit_all)
+            self._fn = self._iterables = None  # type: ignore[assignment]
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        await self._submit()
+        assert self._parts is not None
+        parts, self._parts = self._parts, collections.deque()
+        loop = asyncio.get_running_loop()
+        try:
+            while parts:
+                part = parts.popleft()
+                if part.batch is not None:
+                    waiter = asyncio.wrap_future(part.batch)
+                    if self._deadline is None:
+                        await waiter
+                    else:
+                        try:
+                            remaining = max(0.0, self._deadline - loop.time())
+                            await asyncio.wait_for(asyncio.shield(waiter), remaining)
+                        except (asyncio.TimeoutError, TimeoutError):
+                            raise MapTimeout(
+                                "async_map() did not finish within its timeout"
+                            ) from None
+                    del waiter
+                values = part.values(None)  # done: reading it does not block
+                del part
+                for value in values:
+                    yield value
+                    del value
+        finally:
+            for part in parts:
+                part.cancel()
+
+    def __await__(self) -> Generator[Any, None, AsyncIterator[Any]]:
+        async def ready() -> AsyncIterator[Any]:
+            await self._submit()
+            return self._results
+
+        return ready().__await__()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._results
