@@ -118,6 +118,7 @@ class Chunk:
     worker: StartMarker | None = None
     orphan_deadline: float = 0.0
     widths: list[int] = field(default_factory=list)
+    claimed: int = 0  # its groups that enqueue marked started (see Watcher._release)
 
     def spans(self) -> list[tuple[BatchPoolFuture | None, int, int]]:
         """``(member, first entry, width)`` for each member."""
@@ -194,7 +195,9 @@ class Watcher:
         self._cleanup = cleanup
         self._lock = threading.Lock()
         self._pending: collections.deque[CallGroup] = collections.deque()
-        self._claimed = 0  # groups in _pending marked started by enqueue
+        # Groups marked started by enqueue and not yet in flight; of them, in _pending.
+        self._claimed = 0
+        self._claimed_pending = 0
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, Chunk] = {}  # job id -> chunk
         self._retry: collections.deque[Chunk] = collections.deque()
@@ -243,11 +246,12 @@ class Watcher:
             # right after then cancels only what a stdlib pool would not have started.
             # In order only: not while an earlier group waits unstarted.
             slots = min(self._limit, self.capacity + 1) - len(self._inflight) - self._claimed
-            if slots > 0 and self._claimed == len(self._pending) and not self._parked:
+            if slots > 0 and self._claimed_pending == len(self._pending) and not self._parked:
                 for future in group.futures:
                     future._start()
                 group.started = True
                 self._claimed += 1
+                self._claimed_pending += 1
             was_empty = not self._pending
             self._pending.append(group)
         if was_empty:  # otherwise a wake-up is on its way, or a job's end will come
@@ -257,7 +261,7 @@ class Watcher:
         """Cancel every call not yet handed to the backend."""
         with self._lock:
             self._cancel_epoch += 1
-            groups = [group for group in self._pending if not group.started]
+            groups = [group for group in self._pending if not group.started]  # not claimed
             started = [group for group in self._pending if group.started]
             self._pending.clear()
             self._pending.extend(started)  # running already: they run
@@ -481,12 +485,16 @@ class Watcher:
             while self._pending and n_calls < target:
                 group = self._pending[0]
                 if taken and (
-                    group.fixed or taken[0][0].fixed or group.resources != taken[0][0].resources
+                    group.fixed
+                    or taken[0][0].fixed
+                    or group.resources != taken[0][0].resources
+                    # Claimed calls run now; joining them would start the others early.
+                    or group.started != taken[0][0].started
                 ):
                     break
                 self._pending.popleft()
                 if group.started:
-                    self._claimed -= 1
+                    self._claimed_pending -= 1
                 # Members cancelled meanwhile (a claimed group's are running: never).
                 if start:
                     skip = [
@@ -508,6 +516,7 @@ class Watcher:
         )
         self._next_chunk += 1
         chunk.record = JobRecord(self.store, chunk.id)
+        chunk.claimed = sum(group.started for group, _ in taken)
         if not self.backend.bounded:  # an engine with a queue: a queued job can be dropped
             chunk.record.canceller = self._cancel_one
         groups: list[Group] = []
@@ -533,9 +542,17 @@ class Watcher:
             header = {**self._header, "labels": chunk.labels, "keys": keys}
             self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
         except Exception as exc:
+            self._release(chunk)
             self._fail(chunk, _storage_error("write the input of", chunk, exc))
             return None
         return chunk
+
+    def _release(self, chunk: Chunk) -> None:
+        """The claimed calls of a chunk are in flight now (or failed): free their claim."""
+        if chunk.claimed:
+            with self._lock:
+                self._claimed -= chunk.claimed
+            chunk.claimed = 0
 
     def _submit(self, chunks: list[Chunk]) -> None:
         specs = [self._job_spec(chunk) for chunk in chunks]
@@ -543,6 +560,7 @@ class Watcher:
             job_ids = self.backend.submit(specs, self.notify)
         except Exception as exc:
             for chunk in chunks:
+                self._release(chunk)
                 self._fail(
                     chunk,
                     BatchPoolError(
@@ -558,6 +576,7 @@ class Watcher:
                 chunk.record.job_ids.append(job_id)
             chunk.set_state("Ready")
             self._inflight[job_id] = chunk
+            self._release(chunk)
             self._job_table[chunk.id] = chunk.table_entry()
         # What a client that attaches after this one died needs: which jobs exist.
         self._journal(
@@ -740,6 +759,8 @@ class Watcher:
             self.broken = error
             groups = list(self._pending)
             self._pending.clear()
+            self._claimed -= self._claimed_pending
+            self._claimed_pending = 0
             parked = list(self._parked)
             self._parked.clear()
         logging.getLogger("concurrent.futures").critical(
@@ -1004,6 +1025,8 @@ class Watcher:
             self._stopping = True
             groups = list(self._pending)
             self._pending.clear()
+            self._claimed -= self._claimed_pending
+            self._claimed_pending = 0
         error = BatchPoolError(f"the executor's watcher thread failed: {type(exc).__name__}: {exc}")
         if self._inflight:
             try:

@@ -82,3 +82,38 @@ def die_leaving_a_child(pidfile: str) -> None:
     with open(pidfile, "w") as f:
         f.write(str(pid))
     os._exit(5)
+
+
+# -- initializers (tests/test_dropin.py, tests/test_slurm.py) --------------------------------
+
+#: What the initializer of this worker process was given.
+initialized_with: list[Any] = []
+
+
+def remember_init(folder: str) -> None:
+    """An initializer: note its argument, and leave a file per run of it in ``folder``."""
+    import uuid
+
+    initialized_with.append(folder)
+    open(os.path.join(folder, f"init-{os.getpid()}-{uuid.uuid4().hex}"), "w").close()
+
+
+def initialized(_: Any = None) -> tuple[int, list[Any]]:
+    """This process's pid and what its initializer was given."""
+    return os.getpid(), list(initialized_with)
+
+
+def failing_init(folder: str) -> None:
+    import uuid
+
+    open(os.path.join(folder, f"init-{os.getpid()}-{uuid.uuid4().hex}"), "w").close()
+    raise ValueError("error in initializer")
+
+
+def put_on(queue: Any, x: int) -> int:
+    queue.put(x * 2)
+    return x
+
+
+def inc(x: int) -> int:
+    return x + 1

@@ -137,6 +137,24 @@ def test_exceptions_keep_their_type(slurm: str, tmp_path: Path) -> None:
             future.result(timeout=60)
 
 
+def test_the_initializer_runs_once_per_job(slurm: str, tmp_path: Path) -> None:
+    """Each Slurm job is a fresh process: the initializer runs in each, before its calls."""
+    from calls import initialized, remember_init
+
+    folder = tmp_path / "inits"
+    folder.mkdir()
+    backend = SlurmBackend(log_dir=tmp_path / "slurm-logs")
+    with BatchPoolExecutor(
+        backend=backend,
+        storage=str(tmp_path / "runs"),
+        initializer=remember_init,
+        initargs=(str(folder),),
+    ) as bpe:
+        seen = list(bpe.map(initialized, range(6), chunksize=2, timeout=120))
+    assert [given for _, given in seen] == [[str(folder)]] * 6
+    assert len(list(folder.iterdir())) == 3  # one per job of two calls
+
+
 def test_killed_job_is_retried_then_fails_with_slurms_words(slurm: str, tmp_path: Path) -> None:
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)

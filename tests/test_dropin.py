@@ -1,0 +1,253 @@
+"""A script written for ProcessPoolExecutor runs unchanged: its constructor, errors,
+futures, manager proxies, and maps of a million calls (counted, never timed)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from pathlib import Path
+
+import pytest
+from calls import (
+    divide,
+    failing_init,
+    getpid,
+    inc,
+    initialized,
+    put_on,
+    remember_init,
+    wait_for,
+)
+from conftest import Gate
+
+from batchpool import BatchPoolExecutor, InitializerError, RemoteTraceback, WorkerLostError
+from batchpool.future import MapBatch
+
+# -- the constructor --------------------------------------------------------------------------
+
+
+def test_the_stdlib_positional_arguments(tmp_path: Path) -> None:
+    folder = tmp_path / "inits"
+    folder.mkdir()
+    context = multiprocessing.get_context("spawn")
+    with BatchPoolExecutor(2, context, remember_init, (str(folder),), storage=str(tmp_path)) as ex:
+        assert ex._max_workers == 2
+        seen = list(ex.map(initialized, range(40), chunksize=1))
+    # Every call ran in a process whose initializer ran once, before its first call.
+    assert all(given == [str(folder)] for _, given in seen)
+    pids = {pid for pid, _ in seen}
+    runs = [p.name.split("-")[1] for p in folder.iterdir()]
+    assert sorted(runs) == sorted(str(pid) for pid in pids)  # once per process, no more
+
+
+def test_bad_constructor_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        BatchPoolExecutor(initializer=42, storage=str(tmp_path))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_tasks_per_child must be greater than 0"):
+        BatchPoolExecutor(max_tasks_per_child=0, storage=str(tmp_path))
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        BatchPoolExecutor(0, storage=str(tmp_path))
+
+
+def test_an_initializer_that_raises_breaks_the_executor_and_is_not_retried(tmp_path: Path) -> None:
+    folder = tmp_path / "inits"
+    folder.mkdir()
+    with BatchPoolExecutor(
+        1, initializer=failing_init, initargs=(str(folder),), storage=str(tmp_path)
+    ) as ex:
+        future = ex.submit(inc, 1)
+        with pytest.raises(BrokenProcessPool, match="error in initializer") as raised:
+            future.result(timeout=60)
+        assert isinstance(raised.value, InitializerError)
+        assert isinstance(raised.value.__cause__, _RemoteTraceback)
+        assert "failing_init" in str(raised.value.__cause__)
+        assert ex._broken
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(inc, 2)
+        assert future.job is not None and future.job.attempt == 1  # no retry
+    assert len(list(folder.iterdir())) == 1  # it ran once, in the one worker
+
+
+def test_max_tasks_per_child_replaces_workers(tmp_path: Path) -> None:
+    with BatchPoolExecutor(2, max_tasks_per_child=3, storage=str(tmp_path)) as ex:
+        pids = list(ex.map(getpid, range(30), chunksize=1))
+    counts = {pid: pids.count(pid) for pid in set(pids)}
+    assert max(counts.values()) <= 3
+    assert len(counts) >= 10
+    assert pids  # and no job was lost on a worker that was leaving: every call returned
+
+
+def test_a_manager_queue_reaches_the_workers(tmp_path: Path) -> None:
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue()
+        with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+            assert list(ex.map(put_on, [queue] * 5, range(5))) == list(range(5))
+        assert sorted(queue.get(timeout=10) for _ in range(5)) == [0, 2, 4, 6, 8]
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_a_dead_worker_is_a_broken_process_pool(tmp_path: Path) -> None:
+    with BatchPoolExecutor(1, storage=str(tmp_path), max_attempts=1) as ex:
+        try:
+            ex.submit(os._exit, 3).result(timeout=60)
+        except BrokenProcessPool as exc:
+            assert isinstance(exc, WorkerLostError)
+        else:
+            pytest.fail("no BrokenProcessPool")
+        assert ex.submit(inc, 1).result(timeout=60) == 2  # the executor is not broken
+
+
+def test_the_cause_is_a_stdlib_remote_traceback(tmp_path: Path) -> None:
+    with BatchPoolExecutor(1, storage=str(tmp_path)) as ex, pytest.raises(ZeroDivisionError) as e:
+        ex.submit(divide, 0).result(timeout=60)
+    raised = e
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteTraceback) and isinstance(cause, _RemoteTraceback)
+    assert "return 1 / x" in str(cause)
+
+
+SCRIPT = """
+import sys
+from batchpool import BatchPoolExecutor
+
+cache = {}
+
+
+def setup(value):
+    cache["model"] = value
+
+
+def predict(x):
+    if x == 3:
+        raise ValueError(f"bad item {x}")
+    return cache["model"] + x
+
+
+if __name__ == "__main__":
+    with BatchPoolExecutor(2, initializer=setup, initargs=(100,), storage=sys.argv[1],
+                           ship_code=sys.argv[2] == "ship") as ex:
+        print(list(ex.map(predict, range(3))))
+        try:
+            ex.submit(predict, 3).result()
+        except ValueError:
+            import traceback
+            traceback.print_exc()
+"""
+
+
+@pytest.mark.parametrize("ship", ["ship", "default"])
+def test_functions_of_the_script_see_its_initializer_and_show_their_source(
+    tmp_path: Path, ship: str
+) -> None:
+    script = tmp_path / "job_script.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "runs"), ship],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "[100, 101, 102]"
+    # The remote traceback names the script's file and line and shows the source.
+    line = SCRIPT.splitlines().index('        raise ValueError(f"bad item {x}")') + 1
+    assert f'File "{script}", line {line}, in predict' in done.stderr
+    assert 'raise ValueError(f"bad item {x}")' in done.stderr
+    assert "<dynamic-code>" not in done.stderr
+
+
+# -- futures -----------------------------------------------------------------------------------
+
+
+def test_cancel_leaves_cancelled_and_wait_returns(tmp_path: Path, gate: Gate) -> None:
+    with BatchPoolExecutor(1, storage=str(tmp_path)) as ex:
+        busy = [ex.submit(wait_for, gate.path("go")) for _ in range(3)]
+        last = ex.submit(inc, 1)
+        assert last.cancel()
+        assert last._state == "CANCELLED"
+        done, not_done = cf.wait([last], timeout=30)
+        assert done == {last} and not not_done
+        assert last._state == "CANCELLED_AND_NOTIFIED"
+        assert last.set_running_or_notify_cancel() is False
+        gate.open("go")
+        assert [f.result(timeout=60) for f in busy] == [None] * 3
+
+
+def test_cancel_futures_cancels_only_what_a_stdlib_pool_would_not_have_started(
+    tmp_path: Path,
+) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        lone = ex.submit(time.sleep, 0.01)
+        ex.shutdown(cancel_futures=True)
+    assert not lone.cancelled() and lone.result() is None  # an idle pool started it
+
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+        ex.shutdown(cancel_futures=True)
+    ran = [f for f in futures if not f.cancelled()]
+    # The stdlib starts max_workers + 1 = 3; a slot freed meanwhile may take one more.
+    assert 1 <= len(ran) <= 4
+    assert all(f.done() and f.exception() is None for f in ran)
+    assert ran == futures[: len(ran)]  # the first ones, in order
+
+
+# -- a million calls -------------------------------------------------------------------------
+
+
+def _live_futures() -> int:
+    return sum(isinstance(o, cf.Future) for o in gc.get_objects())
+
+
+def test_a_million_call_map_makes_a_future_per_chunk(tmp_path: Path) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        before = _live_futures()
+        results = ex.map(inc, range(1_000_000))
+        total, peak = 0, 0
+        for i, value in enumerate(results):
+            total += value
+            if i % 250_000 == 0:
+                peak = max(peak, _live_futures() - before)
+        assert total == sum(range(1, 1_000_001))
+        assert 0 < peak <= 300  # 245 chunks of 4096 calls, not a million futures
+        assert ex.status() == {"Success": 1_000_000}
+        assert ex.usage().jobs <= 300
+
+
+def test_a_generator_map_with_buffersize_keeps_few_futures(tmp_path: Path) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        before = _live_futures()
+        results = ex.map(inc, (i for i in range(200_000)), chunksize=1000, buffersize=8)
+        peak = 0
+        for i, value in enumerate(results):
+            assert value == i + 1
+            if i % 10_000 == 0:
+                peak = max(peak, _live_futures() - before)
+        assert 0 < peak <= 9
+        assert sum(isinstance(o, MapBatch) for o in gc.get_objects()) <= 9
+
+
+def test_a_map_error_surfaces_at_its_item_and_breaking_out_cancels_the_rest(
+    tmp_path: Path,
+) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        seen = []
+        with pytest.raises(ZeroDivisionError):
+            for value in ex.map(divide, [1, 2, 0, 4], chunksize=4):
+                seen.append(value)
+        assert seen == [1.0, 0.5]
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        results = ex.map(inc, iter(range(100_000)), chunksize=100, buffersize=4)
+        assert next(results) == 1
+        results.close()  # breaking out: the chunks submitted ahead are cancelled
+    # The rest of the input was never read, let alone run.
+    assert sum(ex.status().values()) <= 5 * 100
