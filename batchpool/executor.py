@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import multiprocessing
 import os
 import secrets
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
-from batchpool.backends.local import LocalBackend
+from batchpool.backends.local import LocalBackend, WorkerProcess
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
@@ -209,7 +210,8 @@ class BatchPoolExecutor(cf.Executor):
                     "max_tasks_per_child= applies to the local pool the executor makes; for a "
                     "LocalBackend you made, pass it there: LocalBackend(max_tasks_per_child=...)"
                 )
-        self._mp_context = mp_context  # workers are always fresh interpreters (README)
+        # Workers are always fresh interpreters, as with "spawn" (see the README).
+        self._mp_context = mp_context or multiprocessing.get_context("spawn")
         self._max_tasks_per_child = max_tasks_per_child
         _check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
@@ -713,6 +715,13 @@ class BatchPoolExecutor(cf.Executor):
     def _max_workers(self) -> int:
         """How many jobs run at once, under the stdlib's name (dask reads it)."""
         return self._watcher.capacity
+
+    @property
+    def _processes(self) -> dict[int, WorkerProcess]:
+        """The local pool's worker processes by pid, under the stdlib's name; empty on
+        other backends, whose jobs run elsewhere."""
+        backend = self._backend
+        return backend.processes() if isinstance(backend, LocalBackend) else {}
 
     def _check_open(self) -> None:
         if self._watcher.broken is not None:

@@ -92,6 +92,44 @@ class _Worker:
     job: _Job | None = None
 
 
+class WorkerProcess:
+    """One local worker process, with the methods of a ``multiprocessing.Process`` that
+    code written for ``ProcessPoolExecutor._processes`` uses."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+
+    def is_alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        _signal(self._proc, signal.SIGTERM)
+
+    def kill(self) -> None:
+        _signal(self._proc, signal.SIGKILL)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.poll()
+
+    def __repr__(self) -> str:
+        return f"<batchpool local worker pid={self.pid}>"
+
+
+def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except OSError:
+        pass
+
+
 def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
     """``(exit_code, signal, words)`` for a process's return code."""
     if returncode < 0:
@@ -184,7 +222,6 @@ class LocalBackend(Backend):
             elif self._broken:  # try once more: the environment may have been mended
                 self._broken = ""
                 self._start_failures.clear()
-                refused = self._fill_locked()
             for spec in jobs:
                 job = _Job(f"local-{next(self._ids)}", spec, notify)
                 ids.append(job.id)
@@ -194,6 +231,8 @@ class LocalBackend(Backend):
                 self._jobs[job.id] = job
                 self._queue.append(job)
             self._assign_locked()
+            if self._respawn_at is None:  # else workers start after their pause
+                refused += self._fill_locked()
         for job in refused:
             self._finish(job, JobState.LOST, reason=self._broken)
         return ids
@@ -256,16 +295,18 @@ class LocalBackend(Backend):
     # -- workers --------------------------------------------------------------------------
 
     def _start_locked(self) -> None:
-        for _ in range(self._max_workers):
-            self._spawn_locked()
+        # One worker now (an interpreter that cannot start fails this submit); the
+        # others as jobs wait for them, as ProcessPoolExecutor starts processes only
+        # when no idle one can take the call. Once started, a worker stays, warm.
+        self._spawn_locked()
         self._thread = threading.Thread(target=self._manage, name="batchpool-local", daemon=True)
         self._thread.start()
 
     def _fill_locked(self) -> list[_Job]:
-        """Start workers until the pool is full again; the queued jobs to fail if the
-        pool cannot start workers at all (``_broken``)."""
+        """Start the workers that queued jobs wait for, up to ``max_workers``; the queued
+        jobs to fail if the pool cannot start workers at all (``_broken``)."""
         self._respawn_at = None
-        while len(self._workers) < self._max_workers and not self._broken:
+        while len(self._workers) < self._wanted_locked() and not self._broken:
             try:
                 self._spawn_locked()
             except BackendError as exc:
@@ -289,6 +330,16 @@ class LocalBackend(Backend):
         for queued in broken:
             del self._jobs[queued.id]
         return broken
+
+    def _wanted_locked(self) -> int:
+        """How many workers the pool needs now: one per running or queued job."""
+        running = sum(w.job is not None for w in self._workers)
+        return min(self._max_workers, running + len(self._queue))
+
+    def processes(self) -> dict[int, WorkerProcess]:
+        """The worker processes, by pid (what ``ProcessPoolExecutor._processes`` holds)."""
+        with self._lock:
+            return {w.proc.pid: WorkerProcess(w.proc) for w in self._workers if not w.gone}
 
     def _schedule_fill_locked(self) -> None:
         """Start the missing workers after a pause that grows with the workers that
