@@ -11,20 +11,10 @@ class BatchPoolError(Exception):
     """Base class of the errors batchpool raises itself."""
 
 
-class RemoteTraceback(_RemoteTraceback):
-    """The traceback of an exception raised in a job, chained as its ``__cause__``.
-
-    Printing the exception then shows where it was raised on the worker, as the
-    stdlib's ``ProcessPoolExecutor`` does with its ``_RemoteTraceback`` (which
-    this is, so code that looks for that type finds it).
-    """
-
-    def __init__(self, tb: str) -> None:
-        Exception.__init__(self, tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
+#: The traceback of an exception raised in a job, chained as its ``__cause__``: the
+#: stdlib's own ``concurrent.futures.process._RemoteTraceback``, as ProcessPoolExecutor
+#: chains it, so code that checks for that type finds it. Its ``tb`` is the text.
+RemoteTraceback = _RemoteTraceback
 
 
 class RemoteError(BatchPoolError):

@@ -381,7 +381,10 @@ def entry_outcome(entry: Entry, serializer: Serializer) -> tuple[bool, Any]:
                     why = f"it unpickled as a {type(loaded).__name__}, not an exception"
         if remote is None:
             remote = RemoteError(type_name, message, tb, why)
-        remote.__cause__ = RemoteTraceback(with_source_lines(tb))
+        # Framed in triple quotes, as ProcessPoolExecutor shows it. (typeshed calls the
+        # argument a traceback object; the stdlib passes this text, as here.)
+        text = f'\n"""\n{with_source_lines(tb)}"""'
+        remote.__cause__ = RemoteTraceback(text)  # type: ignore[arg-type]
         return False, remote
     raise ValueError(f"unknown outcome entry kind {kind!r}")
 
