@@ -11,10 +11,11 @@ T = TypeVar("T")
 
 #: ``map`` aims at this many chunks per worker, so a slow chunk does not hold up the end.
 CHUNKS_PER_WORKER = 4
-#: The largest chunk ``map`` makes by itself; bounds the memory and latency of one job.
-MAX_AUTO_CHUNKSIZE = 4096
+#: The largest chunk ``map`` makes by itself; bounds the latency of one job (and a worker
+#: pickles large results in parts, see ``worker.COMPACT_BYTES``).
+MAX_AUTO_CHUNKSIZE = 16384
 #: With no length to go by, chunks start at one call and double up to this size.
-MAX_GROWING_CHUNKSIZE = 256
+MAX_GROWING_CHUNKSIZE = MAX_AUTO_CHUNKSIZE
 #: The most single submits coalesced into one chunk.
 MAX_COALESCE = 1024
 

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import itertools
 import multiprocessing
+import operator
 import os
 import secrets
 import socket
@@ -203,16 +204,14 @@ class BatchPoolExecutor(cf.Executor):
             raise TypeError(f"initializer must be a callable, not a {type(initializer).__name__}")
         if max_tasks_per_child is not None:
             _check_positive_int("max_tasks_per_child", max_tasks_per_child)
-            if isinstance(backend, Backend) and not isinstance(backend, LocalBackend):
-                pass  # each job is a fresh process: chunks of at most that many calls do it
-            elif isinstance(backend, LocalBackend):
+            # Other engines start a fresh process per job anyway (README: Arguments).
+            if isinstance(backend, LocalBackend):
                 raise ValueError(
                     "max_tasks_per_child= applies to the local pool the executor makes; for a "
                     "LocalBackend you made, pass it there: LocalBackend(max_tasks_per_child=...)"
                 )
         # Workers are always fresh interpreters, as with "spawn" (see the README).
         self._mp_context = mp_context or multiprocessing.get_context("spawn")
-        self._max_tasks_per_child = max_tasks_per_child
         _check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
             raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
@@ -604,6 +603,30 @@ class BatchPoolExecutor(cf.Executor):
             error = explain_pickling_error(label, fn, calls, dumps, failed.error)
         raise error  # outside the except block: the culprit is the cause, not a context
 
+    def _pickle_positional(
+        self, fn: Callable[..., Any], arg_tuples: list[tuple[Any, ...]], call: str
+    ) -> bytes:
+        """The payload of a map chunk: ``(fn, [args, ...], None)``, the calls' positional
+        arguments only (no pair and no dict per call: a chunk has thousands of calls);
+        ``_pickle_group``'s when an argument is large or something cannot be pickled."""
+        limit = min(self._blob_threshold, self._payload_warning)
+        if self._ship_code:
+            ship_user_code(self._serializer.name, [fn, *arg_tuples[:1]])
+        # A glance at a few items (a map's items are alike): when they are small the
+        # chunk is pickled whole, and a payload over the limit is done again argument
+        # by argument, with blobs, as _pickle_lean does.
+        sample = {0, len(arg_tuples) // 2, len(arg_tuples) - 1}
+        biggest = max((sys.getsizeof(a) for i in sample for a in arg_tuples[i]), default=0)
+        if biggest <= limit:
+            try:
+                payload = self._dumps((fn, arg_tuples, None))
+            except _PickleFailed:
+                payload = b""  # explained below, call by call
+            if payload and len(payload) <= limit:
+                return payload
+        no_kwargs: dict[str, Any] = {}
+        return self._pickle_group(fn, [(args, no_kwargs) for args in arg_tuples], call)
+
     def _pickle_lean(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
         """The payload of calls sharing ``fn``; large arguments travel as blobs.
 
@@ -615,7 +638,7 @@ class BatchPoolExecutor(cf.Executor):
         limit = min(self._blob_threshold, self._payload_warning)
         # In C loops: a map chunk has thousands of calls.
         arguments = itertools.chain(
-            itertools.chain.from_iterable(args for args, _ in calls),
+            itertools.chain.from_iterable(map(operator.itemgetter(0), calls)),
             itertools.chain.from_iterable(kwargs.values() for _, kwargs in calls if kwargs),
         )
         if max(map(sys.getsizeof, arguments), default=0) <= limit:

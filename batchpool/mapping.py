@@ -103,19 +103,21 @@ def map_parts(
         nonlocal first_item
         start, first_item = first_item, first_item + len(chunk)
         where = f"{label} in map() (the chunk of items {start} to {first_item - 1})"
-        no_kwargs: dict[str, Any] = {}  # one object: pickled once, copied by each call
-        calls = [(args, no_kwargs) for args in chunk]
+        arg_tuples = chunk
         part = MapPart(None)
-        keys = executor._call_keys(fn, calls)
-        if keys is not None:  # resume: calls that returned before are not sent again
+        keys = None
+        if executor._resume:  # calls that returned before are not sent again
+            no_kwargs: dict[str, Any] = {}
+            keys = executor._call_keys(fn, [(args, no_kwargs) for args in chunk])
+        if keys is not None:
             earlier = [executor._resumed_outcome(key) for key in keys]
             if any(outcome is not None for outcome in earlier):
                 part.resumed = [_RUNS if outcome is None else outcome for outcome in earlier]
                 todo = [i for i, outcome in enumerate(earlier) if outcome is None]
-                calls, keys = [calls[i] for i in todo], [keys[i] for i in todo]
-        if calls:
-            payload = executor._pickle_group(fn, calls, where)
-            part.batch = MapBatch(len(calls))
+                arg_tuples, keys = [chunk[i] for i in todo], [keys[i] for i in todo]
+        if arg_tuples:
+            payload = executor._pickle_positional(fn, arg_tuples, where)
+            part.batch = MapBatch(len(arg_tuples))
             executor._enqueue_batch(part.batch, payload, label, resources, keys)
         bar.watch(part, len(chunk))
         return part
@@ -166,15 +168,22 @@ def _batch_values(batch: MapBatch, deadline: float | None) -> Iterator[Any]:
     return _values(outcome)
 
 
+_END = object()
+
+
 def _values(outcome: BatchOutcome) -> Iterator[Any]:
+    """The values of a chunk, popped as the stdlib's map pops them: a result the caller
+    dropped is freed at once, not when the chunk ends."""
     values, errors = outcome.values, outcome.errors
     del outcome
-    # Popped, as the stdlib's map does: a result the caller dropped is freed at once.
     values.reverse()
-    if not errors:
-        while values:
-            yield values.pop()
-        return
+    if not errors:  # the common case, in C: pop until the end marker at the bottom
+        values.insert(0, _END)
+        return iter(values.pop, _END)
+    return _values_and_errors(values, errors)
+
+
+def _values_and_errors(values: list[Any], errors: dict[int, BaseException]) -> Iterator[Any]:
     i = -1
     while values:
         i += 1

@@ -9,7 +9,9 @@ check versions before it touches anything the user's serializer produced.
   Python, serializer and batchpool versions. Each group is
   ``(n_calls, payload, skip)`` where ``payload`` unpickles (with the serializer
   named in the header) to ``(fn, [(args, kwargs), ...])``: one ``submit`` is a
-  group of one call, one ``map`` chunk is a group of many calls sharing ``fn``.
+  group of one call, one ``map`` chunk is a group of many calls sharing ``fn``; a
+  ``map`` chunk's payload may be ``(fn, [args, ...], None)`` instead, positional
+  arguments only.
   ``skip`` holds the indices of calls cancelled before the chunk was written.
 - Outcome envelope: ``(meta, entries)`` with one entry per call, in order:
   ``(OK, payload)``, ``(ERROR, payload_or_None, type_name, message, traceback)``
@@ -26,6 +28,7 @@ part of the signed text, so a valid object copied to another key is refused too.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import importlib
@@ -75,6 +78,7 @@ class Serializer:
 SERIALIZERS = ("cloudpickle", "dill")
 
 
+@functools.cache  # one per name and process: a worker asks for it every chunk
 def get_serializer(name: str) -> Serializer:
     """The serializer called ``name``; a clear error when it is unknown or not installed."""
     if name not in SERIALIZERS:

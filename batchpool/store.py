@@ -50,7 +50,7 @@ import re
 import stat
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -315,6 +315,13 @@ class Store:
 
     def _retry(self, operation: str, key: str, call: Callable[[], T]) -> T:
         """``call()``, retried while it fails transiently; a clear error otherwise."""
+        try:  # the first try without tenacity's machinery: most operations succeed
+            return call()
+        except (FileNotFoundError, UnsafePathError):
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                return self._fail(operation, key, exc)
         retrying = Retrying(
             retry=_RETRY_TRANSIENT,
             wait=self._wait,
@@ -329,13 +336,16 @@ class Store:
         except (FileNotFoundError, UnsafePathError):
             raise
         except Exception as exc:
-            where = self.fs.unstrip_protocol(self.path(key)) if key else self.url
-            transient = is_transient(exc)
-            again = " (and kept failing until the retry deadline)" if transient else ""
-            raise StorageError(
-                f"could not {operation} {where}{again}: {type(exc).__name__}: {exc}",
-                transient=transient,
-            ) from exc
+            return self._fail(operation, key, exc)
+
+    def _fail(self, operation: str, key: str, exc: Exception) -> NoReturn:
+        where = self.fs.unstrip_protocol(self.path(key)) if key else self.url
+        transient = is_transient(exc)
+        again = " (and kept failing until the retry deadline)" if transient else ""
+        raise StorageError(
+            f"could not {operation} {where}{again}: {type(exc).__name__}: {exc}",
+            transient=transient,
+        ) from exc
 
     def create(self) -> None:
         """Make the run's folders where the filesystem has folders."""

@@ -72,6 +72,9 @@ POLL_MIN, POLL_MAX = 0.05, 2.0
 CANCEL_CHECK = 10.0
 #: How often the chunks of an attached run that old workers still run are checked.
 ORPHAN_POLL = 0.5
+#: Hand-overs to a backend whose jobs die with the client are journaled at most this
+#: many seconds late (or as soon as the watcher has nothing else to do).
+HANDED_FLUSH = 1.0
 #: Status queries that may fail in a row before the jobs in flight count as lost.
 MAX_STATUS_FAILURES = 10
 
@@ -214,6 +217,8 @@ class Watcher:
         self._status_failures = 0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
         self._journal_lock = threading.Lock()  # _cancel_one writes from a caller's thread
+        self._handed: list[dict[str, Any]] = []  # hand-overs not yet journaled
+        self._handed_since = 0.0
         self._next_journal = next_journal
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
@@ -385,6 +390,8 @@ class Watcher:
             self._close()
 
     def _wait_for_events(self) -> None:
+        if self._handed and self._events.empty():  # nothing to do now: catch up
+            self._flush_handed()
         timeout: float | None = None
         if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
@@ -579,19 +586,35 @@ class Watcher:
             self._release(chunk)
             self._job_table[chunk.id] = chunk.table_entry()
         # What a client that attaches after this one died needs: which jobs exist.
-        self._journal(
-            handed=[
-                {
-                    "chunk": chunk.id,
-                    "attempt": chunk.attempt,
-                    "job_id": chunk.job_id,
-                    "calls": chunk.n_calls,
-                    "labels": sorted(set(chunk.labels)),
-                    "cpus": chunk.resources.cpus,
-                }
-                for chunk in chunks
-            ]
-        )
+        handed = [
+            {
+                "chunk": chunk.id,
+                "attempt": chunk.attempt,
+                "job_id": chunk.job_id,
+                "calls": chunk.n_calls,
+                "labels": sorted(set(chunk.labels)),
+                "cpus": chunk.resources.cpus,
+            }
+            for chunk in chunks
+        ]
+        if self.backend.job_ids_outlive_client or any(chunk.attempt > 1 for chunk in chunks):
+            self._flush_handed()  # in order
+            self._journal(handed=handed)
+            return
+        # Jobs that die with this client (the local pool): an attach finds their chunks
+        # in chunks/ and their workers by their start markers, so the journal can say
+        # they were handed over a little later, many at once, off the path of each job.
+        if not self._handed:
+            self._handed_since = time.monotonic()
+        self._handed.extend(handed)
+        if time.monotonic() - self._handed_since >= HANDED_FLUSH:
+            self._flush_handed()
+
+    def _flush_handed(self) -> None:
+        """Journal the hand-overs ``_submit`` kept back (see there), in one entry."""
+        if self._handed:
+            handed, self._handed = self._handed, []
+            self._journal(handed=handed)
 
     def _write_job_table(self) -> None:
         """Put every chunk's engine job ids, attempts and final state in manifest.json,
@@ -1050,6 +1073,7 @@ class Watcher:
         self._retry.clear()
 
     def _close(self) -> None:
+        self._flush_handed()
         if not self._cleanup:
             self._journal(closed=time.time(), usage=self._usage.as_dict())
             self._write_job_table()

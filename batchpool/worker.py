@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import collections
 import faulthandler
+import functools
+import itertools
 import json
 import os
 import socket
@@ -27,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchpool import serialization
@@ -378,6 +380,8 @@ def _skip_calls(groups: list[Group], skip: frozenset[int]) -> list[Group]:
     return adjusted
 
 
+_NO_KWARGS: dict[str, Any] = {}  # never changed: a call gets a copy of its kwargs
+
 #: How many calls this process ran (a pool worker retires after ``max_tasks_per_child``).
 _calls_run = 0
 
@@ -390,7 +394,10 @@ def _run_groups(
     global _calls_run
     for n_calls, payload, skip in groups:
         try:
-            fn, calls = serializer.loads(payload)
+            loaded = serializer.loads(payload)
+            fn, calls = loaded[0], loaded[1]
+            if len(loaded) == 3:  # a map chunk: positional arguments only
+                calls = zip(calls, itertools.repeat(_NO_KWARGS))
         except BaseException as exc:
             error = _load_error(exc, f"{n_calls} call{'s' if n_calls != 1 else ''}")
             entries.extend([error_entry(error, serializer)] * n_calls)
@@ -398,29 +405,54 @@ def _run_groups(
         name = describe_callable(fn)
         share_globals(fn)
         skipped = frozenset(skip)
-        values: list[Any] = []
-        special: dict[int, Entry] = {}  # the calls that raised or were skipped
+        values: list[Any] = []  # of the calls since the last entry
+        special: dict[int, Entry] = {}  # the calls that raised or were skipped, by index there
+        held = 0  # the values' size at a glance (sys.getsizeof)
         for index, (args, kwargs) in enumerate(calls):
             if index in skipped:
-                special[index] = (SKIPPED,)
+                special[len(values)] = (SKIPPED,)
                 values.append(None)
-                continue
-            _calls_run += 1
-            try:
-                values.append(fn(*args, **kwargs))
-            except BaseException as exc:  # SystemExit and KeyboardInterrupt fail this call only
-                special[index] = error_entry(exc, serializer)
-                values.append(None)
+            else:
+                _calls_run += 1
+                try:
+                    value = fn(*args, **kwargs)
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt: this call only
+                    special[len(values)] = error_entry(exc, serializer)
+                    value = None
+                values.append(value)
+                held += sys.getsizeof(value)
+                del value
+            if held > COMPACT_BYTES:  # large results: pickled now, not all held at once
+                _add_entries(entries, values, special, serializer, name, compact)
+                values, special, held = [], {}, 0
         del calls
-        group_entry = (
-            group_values_entry(values, serializer=serializer, special=special) if compact else None
-        )
-        if group_entry is not None:
-            entries.append(group_entry)
-            continue
-        for index, value in enumerate(values):
-            entries.append(special.get(index) or value_entry(value, serializer, name))
+        _add_entries(entries, values, special, serializer, name, compact)
         del values  # the results must not outlive their pickled entries
+
+
+#: A worker holds at most about this many bytes (``sys.getsizeof``) of a group's results
+#: before it pickles them: many small results are pickled together, large ones soon.
+COMPACT_BYTES = 16 << 20
+
+
+def _add_entries(
+    entries: list[Entry],
+    values: list[Any],
+    special: dict[int, Entry],
+    serializer: Serializer,
+    name: str,
+    compact: bool,
+) -> None:
+    """The entries of consecutive calls: one (``VALUES``) when their values pickle
+    together, else one per call."""
+    if not values:
+        return
+    group_entry = group_values_entry(values, special, serializer) if compact else None
+    if group_entry is not None:
+        entries.append(group_entry)
+        return
+    for index, value in enumerate(values):
+        entries.append(special.get(index) or value_entry(value, serializer, name))
 
 
 class _Capture:
@@ -502,8 +534,17 @@ def _flush() -> None:
             pass
 
 
-def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
-    """Run the job that ``args`` names (``--chunk ID --attempt N``), capturing its output."""
+def run_job(
+    args: Sequence[str],
+    env: Any,
+    capture: _Capture,
+    deferred: list[Callable[[], None]] | None = None,
+) -> None:
+    """Run the job that ``args`` names (``--chunk ID --attempt N``), capturing its output.
+
+    With ``deferred``, the end marker is not written but added there, for a pool worker
+    to write once it has told the pool the job is done: the client reads the outcome,
+    not the marker, so the marker need not delay it."""
     parsed = _job_parser().parse_args(list(args))
     store, secret = _store_from_env(env)
     chunk, attempt = parsed.chunk, parsed.attempt
@@ -547,7 +588,13 @@ def run_job(args: Sequence[str], env: Any, capture: _Capture) -> None:
                 store.put(store.log_key(chunk, attempt), log)
             except Exception as exc:
                 sys.stderr.write(f"batchpool: could not save the job's output: {exc}\n")
-        _put_marker(store, store.end_key(chunk, attempt), end, secret)
+        write_end = functools.partial(
+            _put_marker, store, store.end_key(chunk, attempt), end, secret
+        )
+        if deferred is None:
+            write_end()
+        else:
+            deferred.append(write_end)
 
 
 #: What an end marker keeps of a chunk's outcome meta.
@@ -563,6 +610,7 @@ def _put_marker(store: Store, key: str, marker: Document, secret: bytes) -> None
         sys.stderr.write(f"batchpool: could not write the marker {key}: {exc}\n")
 
 
+@functools.cache  # made once per process: a warm worker parses every job's arguments
 def _job_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m batchpool.worker")
     parser.add_argument("--chunk", required=True, help="the chunk id to run")
@@ -623,15 +671,18 @@ def serve(job_fd: int, event_fd: int) -> None:
             break
         os.environ.update(message["env"])
         error, fatal = "", False
+        deferred: list[Callable[[], None]] = []
         with _busy:
             try:
-                run_job(message["args"], message["env"], capture)
+                run_job(message["args"], message["env"], capture, deferred)
             except BaseException as exc:
                 error, fatal = f"{type(exc).__name__}: {exc}", is_fatal(exc)
                 traceback.print_exc()
                 _flush()
-        retire = bool(max_calls) and _calls_run >= max_calls
-        send({"done": message["job"], "error": error, "fatal": fatal, "retire": retire})
+            retire = bool(max_calls) and _calls_run >= max_calls
+            send({"done": message["job"], "error": error, "fatal": fatal, "retire": retire})
+            for write in deferred:  # the end marker, after the pool heard of the end
+                write()
         if retire:  # max_tasks_per_child: the pool starts a fresh process in its place
             break
 

@@ -117,3 +117,8 @@ def put_on(queue: Any, x: int) -> int:
 
 def inc(x: int) -> int:
     return x + 1
+
+
+def big_bytes(i: int) -> bytes:
+    """A result of 3 MB: a chunk of many is pickled in parts, not held whole."""
+    return bytes([i % 256]) * 3_000_000

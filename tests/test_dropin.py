@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from calls import (
+    big_bytes,
     divide,
     failing_init,
     getpid,
@@ -251,3 +252,13 @@ def test_a_map_error_surfaces_at_its_item_and_breaking_out_cancels_the_rest(
         results.close()  # breaking out: the chunks submitted ahead are cancelled
     # The rest of the input was never read, let alone run.
     assert sum(ex.status().values()) <= 5 * 100
+
+
+def test_large_results_of_one_chunk_are_pickled_in_parts(tmp_path: Path) -> None:
+    with BatchPoolExecutor(1, storage=str(tmp_path), cleanup_bucket=False) as ex:
+        results = list(ex.map(big_bytes, range(20), chunksize=20))
+        run = Path(ex.run_url)
+    assert [r[:1] for r in results] == [bytes([i]) for i in range(20)]
+    assert all(len(r) == 3_000_000 for r in results)
+    (outcome,) = (run / "results").iterdir()
+    assert outcome.stat().st_size > 20 * 3_000_000  # every result is there, once

@@ -494,11 +494,13 @@ class LocalBackend(Backend):
         return True
 
     def _on_done(self, worker: _Worker, error: str, fatal: bool = False) -> None:
+        # The log first: the next job sent to this worker starts by emptying it.
         log = _read(worker.log_path) if (error or self._echo) else b""
         with self._lock:
             job, worker.job = worker.job, None
             if job is not None:
                 del self._jobs[job.id]
+            self._assign_locked()  # the next job first: the worker waits for it
         if job is None:
             return
         if self._echo and log:
@@ -509,8 +511,6 @@ class LocalBackend(Backend):
             self._finish(job, JobState.FAILED, reason=f"the worker failed: {error}", log=log)
         else:
             self._finish(job, JobState.SUCCEEDED)
-        with self._lock:
-            self._assign_locked()
 
     def _on_exit(self, worker: _Worker) -> None:
         worker.gone = True
