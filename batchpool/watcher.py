@@ -11,8 +11,11 @@ and ``_parked`` under ``_lock`` (``enqueue``, ``cancel_pending``). Everything el
 thread through ``_events``: job events pushed by the backend, and wake-ups.
 
 A call's future is marked running when its chunk is handed to the backend, as
-the stdlib marks a call running when it enters the process pool's call queue;
-until then ``cancel()`` succeeds and the call never runs. At most ``in_flight``
+the stdlib marks a call running when it enters the process pool's call queue, or
+at once when it is enqueued while a slot is free (``enqueue``: the stdlib's call
+queue holds max_workers + 1); until then ``cancel()`` succeeds and the call never
+runs. A chunk member is one call's future, or a ``MapBatch`` standing for all the
+calls of a map chunk (``Chunk.spans``). At most ``in_flight``
 chunks are handed to the backend at once: ``capacity`` (jobs that may run), or
 twice that for a backend that queues jobs itself, so no worker idles between jobs.
 """
