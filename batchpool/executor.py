@@ -25,6 +25,7 @@ from typing import Any
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend, WorkerProcess
+from batchpool.chunks import CallGroup
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
@@ -59,7 +60,7 @@ from batchpool.serialization import (
     get_serializer,
 )
 from batchpool.store import STORE_ENV, Store, open_storage
-from batchpool.watcher import CallGroup, Watcher
+from batchpool.watcher import Watcher
 
 #: One call's arguments, as pickled: ``(args, kwargs)``.
 Call = tuple[tuple[Any, ...], dict[str, Any]]

@@ -35,6 +35,7 @@ import platformdirs
 
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources
+from batchpool.chunks import Adopted, Chunk
 from batchpool.documents import ClientInfo, JournalEntry, Manifest
 from batchpool.errors import BatchPoolError, IntegrityError, StorageError
 from batchpool.future import BatchPoolFuture, JobRecord
@@ -49,7 +50,6 @@ from batchpool.serialization import (
     unseal,
 )
 from batchpool.store import Store
-from batchpool.watcher import Adopted, Chunk
 
 log = logging.getLogger("batchpool")
 
