@@ -27,6 +27,13 @@ def run_example(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
     return done.stdout
 
 
+def test_a_process_pool_script_with_the_import_changed(tmp_path: Path) -> None:
+    out = run_example(tmp_path, "dropin.py")
+    assert "sum of scores: 4995000 calls reported: 1000" in out
+    assert "a worker died: WorkerLostError" in out
+    assert "the pool goes on: 1024" in out
+
+
 def test_demo(tmp_path: Path) -> None:
     out = run_example(tmp_path, "demo.py")
     assert "[0, 3, 6, 9]" in out and "polyethylene" in out and "1024" in out
