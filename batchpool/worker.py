@@ -396,14 +396,18 @@ def _run_groups(
         try:
             loaded = serializer.loads(payload)
             fn, calls = loaded[0], loaded[1]
-            if len(loaded) == 3:  # a map chunk: positional arguments only
-                calls = zip(calls, itertools.repeat(_NO_KWARGS))
+            positional = len(loaded) == 3  # a map chunk: positional arguments only
         except BaseException as exc:
             error = _load_error(exc, f"{n_calls} call{'s' if n_calls != 1 else ''}")
             entries.extend([error_entry(error, serializer)] * n_calls)
             continue
         name = describe_callable(fn)
         share_globals(fn)
+        if positional and not skip:
+            _run_positional(fn, calls, serializer, name, entries, compact)
+            continue
+        if positional:
+            calls = zip(calls, itertools.repeat(_NO_KWARGS))
         skipped = frozenset(skip)
         values: list[Any] = []  # of the calls since the last entry
         special: dict[int, Entry] = {}  # the calls that raised or were skipped, by index there
@@ -429,6 +433,45 @@ def _run_groups(
         _add_entries(entries, values, special, serializer, name, compact)
         del values  # the results must not outlive their pickled entries
 
+
+def _run_positional(
+    fn: Any,
+    arg_tuples: list[tuple[Any, ...]],
+    serializer: Serializer,
+    name: str,
+    entries: list[Entry],
+    compact: bool,
+) -> None:
+    """Run a map chunk's calls (``fn(*args)`` each), as ``_run_groups`` does, at the
+    cost of a list comprehension: ``list.extend`` keeps the values a generator gave
+    before one of its calls raised, so the loop only restarts after a failure."""
+    global _calls_run
+    values: list[Any] = []
+    special: dict[int, Entry] = {}
+    held = 0
+    remaining = iter(arg_tuples)
+    while True:
+        before = len(values)
+        try:
+            values.extend(fn(*args) for args in itertools.islice(remaining, POSITIONAL_BATCH))
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: this call only
+            special[len(values)] = error_entry(exc, serializer)
+            values.append(None)
+            continue
+        finally:
+            _calls_run += len(values) - before
+        if len(values) == before:
+            break
+        held += sum(map(sys.getsizeof, values[before:]))
+        if held > COMPACT_BYTES:  # large results: pickled now, not all held at once
+            _add_entries(entries, values, special, serializer, name, compact)
+            values, special, held = [], {}, 0
+    del arg_tuples, remaining
+    _add_entries(entries, values, special, serializer, name, compact)
+
+
+#: ``_run_positional`` runs this many calls between looks at the size of their results.
+POSITIONAL_BATCH = 256
 
 #: A worker holds at most about this many bytes (``sys.getsizeof``) of a group's results
 #: before it pickles them: many small results are pickled together, large ones soon.

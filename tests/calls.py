@@ -122,3 +122,11 @@ def inc(x: int) -> int:
 def big_bytes(i: int) -> bytes:
     """A result of 3 MB: a chunk of many is pickled in parts, not held whole."""
     return bytes([i % 256]) * 3_000_000
+
+
+def mark_and_fail_every(folder: str, x: int, every: int) -> int:
+    """Leave a file per run of the call; raise for the multiples of ``every``."""
+    open(os.path.join(folder, f"{x}-{os.getpid()}-{time.monotonic_ns()}"), "w").close()
+    if x % every == 0:
+        raise ValueError(f"item {x}")
+    return x

@@ -22,6 +22,7 @@ from calls import (
     getpid,
     inc,
     initialized,
+    mark_and_fail_every,
     put_on,
     remember_init,
     wait_for,
@@ -263,3 +264,18 @@ def test_large_results_of_one_chunk_are_pickled_in_parts(tmp_path: Path) -> None
     assert all(len(r) == 3_000_000 for r in results)
     (outcome,) = (run / "results").iterdir()
     assert outcome.stat().st_size > 20 * 3_000_000  # every result is there, once
+
+
+def test_calls_that_raise_inside_a_chunk_leave_the_others_run_once(tmp_path: Path) -> None:
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        items = ([str(folder)] * 999, range(1, 1000), [100] * 999)
+        results = ex.map(mark_and_fail_every, *items, chunksize=999)  # one job
+        seen = []
+        with pytest.raises(ValueError, match="item 100"):
+            for value in results:
+                seen.append(value)
+        assert seen == list(range(1, 100))
+    runs = sorted(int(p.name.split("-")[0]) for p in folder.iterdir())
+    assert runs == list(range(1, 1000))  # every call ran, once, the failing ones too
