@@ -179,7 +179,7 @@ class BatchOutcome:
 class MapBatch(BatchPoolFuture):
     """The one future of a ``map`` chunk: ``width`` calls, which the user never holds
     one by one. Its result is a ``BatchOutcome``; map's iterator yields the values or
-    raises the exceptions item by item. A million-call map makes a few hundred of
+    raises the exceptions item by item. A million-call map makes a few dozen of
     these instead of a million futures."""
 
     def __init__(self, width: int) -> None:
