@@ -279,3 +279,12 @@ def test_calls_that_raise_inside_a_chunk_leave_the_others_run_once(tmp_path: Pat
         assert seen == list(range(1, 100))
     runs = sorted(int(p.name.split("-")[0]) for p in folder.iterdir())
     assert runs == list(range(1, 1000))  # every call ran, once, the failing ones too
+
+
+def test_dask_runs_its_graph_on_the_executor(tmp_path: Path) -> None:
+    import dask
+
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        values = [dask.delayed(inc)(i) for i in range(10)]
+        total = dask.delayed(sum)(values)
+        assert dask.compute(total, scheduler=ex) == (sum(range(1, 11)),)
