@@ -224,6 +224,8 @@ class AsyncMap:
         resources: Resources | None = None,
         progress: bool | None = None,
     ) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or a number of seconds >= 0")
         self._executor = executor
         self._resources = resources
         self._progress = progress
