@@ -1,10 +1,21 @@
-"""The exceptions batchpool raises, and the carrier of a remote traceback."""
+"""The exceptions batchpool raises, the carrier of a remote traceback, and the check
+of the count arguments (``max_workers``, ``chunksize``, ...) whose errors it names."""
 
 from __future__ import annotations
 
 import pickle
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` when it is an int greater than 0; else a TypeError or ValueError naming
+    ``name``, as ``ProcessPoolExecutor`` words them."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0")
+    return value
 
 
 class BatchPoolError(Exception):

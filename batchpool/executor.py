@@ -29,7 +29,7 @@ from batchpool.chunks import CallGroup
 from batchpool.codeship import ship_user_code
 from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
-from batchpool.errors import BatchPoolError
+from batchpool.errors import BatchPoolError, check_positive_int
 from batchpool.future import BatchPoolFuture, MapBatch
 from batchpool.mapping import AsyncMap, map_parts, results
 from batchpool.processes import boot_id, orphan_grace, process_started
@@ -92,14 +92,6 @@ except (AttributeError, RuntimeError):  # pragma: no cover
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0")
-    return value
 
 
 def _parse_cpus(value: Any) -> float:
@@ -200,11 +192,11 @@ class BatchPoolExecutor(cf.Executor):
         _reopened: Reopened | None = None,
     ) -> None:
         if max_workers is not None:
-            _check_positive_int("max_workers", max_workers)
+            check_positive_int("max_workers", max_workers)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be a callable, not a {type(initializer).__name__}")
         if max_tasks_per_child is not None:
-            _check_positive_int("max_tasks_per_child", max_tasks_per_child)
+            check_positive_int("max_tasks_per_child", max_tasks_per_child)
             # Other engines start a fresh process per job anyway (README: Arguments).
             if isinstance(backend, LocalBackend):
                 raise ValueError(
@@ -213,11 +205,11 @@ class BatchPoolExecutor(cf.Executor):
                 )
         # Workers are always fresh interpreters, as with "spawn" (see the README).
         self._mp_context = mp_context or multiprocessing.get_context("spawn")
-        _check_positive_int("max_attempts", max_attempts)
+        check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
             raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
-        self._blob_threshold = _check_positive_int("blob_threshold", blob_threshold)
-        self._payload_warning = _check_positive_int("payload_warning", payload_warning)
+        self._blob_threshold = check_positive_int("blob_threshold", blob_threshold)
+        self._payload_warning = check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
         self._serializer = get_serializer(serializer)
@@ -537,13 +529,15 @@ class BatchPoolExecutor(cf.Executor):
 
     def _resumed_future(self, key: str) -> BatchPoolFuture:
         """The future of a call that already returned in this run: done, not run again."""
+        outcome = self._resumed_outcome(key)
+        assert outcome is not None  # the caller looked it up
         future = BatchPoolFuture()
         future.set_running_or_notify_cancel()
-        try:
-            future.set_result(self._serializer.loads(self._reopened_results[key]))
-        except Exception as exc:
-            future.set_exception(exc)
-        self._watcher.count_resumed()
+        ok, value = outcome
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
         return future
 
     def put(self, obj: Any) -> BlobRef:
@@ -737,8 +731,8 @@ class BatchPoolExecutor(cf.Executor):
 
     @property
     def _max_workers(self) -> int:
-        """How many jobs run at once, under the stdlib's name (dask reads it)."""
-        return self._watcher.capacity
+        """``max_workers``, under the stdlib's name (dask reads it)."""
+        return self.max_workers
 
     @property
     def _processes(self) -> dict[int, WorkerProcess]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
+from batchpool.errors import check_positive_int
 from batchpool.future import BatchOutcome, MapBatch
 from batchpool.progress import Progress
 from batchpool.serialization import describe_callable
@@ -83,9 +84,9 @@ def map_parts(
     if not callable(fn):
         raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
     if chunksize is not None:
-        _check_positive("chunksize", chunksize)
+        check_positive_int("chunksize", chunksize)
     if buffersize is not None:
-        _check_positive("buffersize", buffersize)
+        check_positive_int("buffersize", buffersize)
     executor._check_open()
     items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
     length = common_length(iterables)
@@ -202,13 +203,6 @@ def _merge(resumed: list[Any], ran: Iterator[Any]) -> Iterator[Any]:
             if not ok:
                 raise value
             yield value
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0")
 
 
 class AsyncMap:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
-from batchpool.errors import BackendError
+from batchpool.errors import BackendError, check_positive_int
 from batchpool.processes import WORKER_TOKEN_ENV, new_worker_token
 
 log = logging.getLogger("batchpool")
@@ -167,12 +167,8 @@ class LocalBackend(Backend):
             ("max_workers", max_workers),
             ("max_tasks_per_child", max_tasks_per_child),
         ):
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be greater than 0")
+            if value is not None:
+                check_positive_int(name, value)
         # A worker that has run this many calls exits after its job and is replaced.
         self._max_tasks_per_child = max_tasks_per_child
         self._max_workers = max_workers or os.cpu_count() or 1
