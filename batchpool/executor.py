@@ -31,7 +31,8 @@ from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError, check_positive_int
 from batchpool.future import BatchPoolFuture, MapBatch
-from batchpool.mapping import AsyncMap, map_parts, results
+from batchpool.inheritance import InheritedLocks
+from batchpool.mapping import AsyncMap, map_parts, results, submitted_map
 from batchpool.processes import boot_id, orphan_grace, process_started
 from batchpool.recovery import (
     Reopened,
@@ -57,6 +58,7 @@ from batchpool.serialization import (
     client_versions,
     describe_callable,
     describe_type,
+    dumps_with_reducers,
     get_serializer,
 )
 from batchpool.store import STORE_ENV, Store, open_storage
@@ -239,6 +241,7 @@ class BatchPoolExecutor(cf.Executor):
             )
         self._backend = backend
         self._ship_code = not backend.shares_client_code if ship_code is None else ship_code
+        self._inherited_locks = InheritedLocks()  # lives as long as workers may start
         try:
             initializer_data = self._pickle_initializer(initializer, initargs)
         except BaseException:
@@ -570,13 +573,18 @@ class BatchPoolExecutor(cf.Executor):
         initargs = tuple(initargs)
         if self._ship_code:
             ship_user_code(self._serializer.name, [initializer, *initargs])
+        # initargs travel as a forked child inherits them: locks included (inheritance.py)
+        reducers = self._inherited_locks.reducers()
+
+        def dumps(obj: Any) -> bytes:
+            return dumps_with_reducers(self._serializer, obj, reducers)
+
         try:
-            return self._dumps((initializer, initargs))
-        except _PickleFailed as failed:
+            return dumps((initializer, initargs))
+        except Exception as exc:
             label = f"the initializer {describe_callable(initializer)}"
-            dumps = self._serializer.dumps
             calls: list[Call] = [(initargs, {})]
-            error = explain_pickling_error(label, initializer, calls, dumps, failed.error)
+            error = explain_pickling_error(label, initializer, calls, dumps, exc)
         raise error
 
     def _dumps(self, obj: Any) -> bytes:
@@ -718,8 +726,11 @@ class BatchPoolExecutor(cf.Executor):
     ) -> Iterator[Any]:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
-        parts = map_parts(self, fn, iterables, chunksize, buffersize, resources, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
+        if resources is None and "submit" in vars(self):  # replaced, to watch map's calls
+            self._check_open()
+            return submitted_map(self.submit, fn, iterables, deadline, buffersize)
+        parts = map_parts(self, fn, iterables, chunksize, buffersize, resources, progress)
         return results(parts, deadline)
 
     @property

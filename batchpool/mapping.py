@@ -156,6 +156,48 @@ def results(parts: Generator[MapPart, None, None], deadline: float | None) -> It
         parts.close()
 
 
+def submitted_map(
+    submit: Callable[..., cf.Future[Any]],
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    deadline: float | None,
+    buffersize: int | None,
+) -> Iterator[Any]:
+    """``map`` as ``concurrent.futures.Executor.map`` does it: one ``submit`` per call.
+
+    For code that replaced an executor's ``submit`` to watch map's calls, as
+    ``tqdm.contrib.concurrent``'s helpers do for their progress bar: it sees every
+    call. batchpool still groups the calls into chunks as it does ``submit``'s."""
+    if not callable(fn):
+        raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
+    if buffersize is not None:
+        check_positive_int("buffersize", buffersize)
+    items = zip(*iterables, strict=False)
+    pending = collections.deque(submit(fn, *args) for args in itertools.islice(items, buffersize))
+
+    def in_order() -> Iterator[Any]:
+        try:
+            while pending:
+                future = pending.popleft()
+                if buffersize is not None:
+                    for args in itertools.islice(items, 1):
+                        pending.append(submit(fn, *args))
+                try:
+                    if deadline is None:
+                        yield future.result()
+                    else:
+                        yield future.result(max(0.0, deadline - time.monotonic()))
+                except cf.TimeoutError:
+                    raise MapTimeout("map() did not finish within its timeout") from None
+                finally:
+                    del future  # the caller alone keeps the result alive
+        finally:  # closed early: cancel the rest, read no more input
+            for future in pending:
+                future.cancel()
+
+    return in_order()
+
+
 def _batch_values(batch: MapBatch, deadline: float | None) -> Iterator[Any]:
     try:
         if deadline is None:

@@ -28,6 +28,7 @@ part of the signed text, so a valid object copied to another key is refused too.
 from __future__ import annotations
 
 import collections
+import copyreg
 import functools
 import hashlib
 import hmac
@@ -39,7 +40,7 @@ import re
 import sys
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,31 @@ def get_serializer(name: str) -> Serializer:
                 return file.getvalue()
 
     return Serializer(name, str(module.__version__), dumps, module.loads)
+
+
+def dumps_with_reducers(
+    serializer: Serializer, obj: Any, reducers: Mapping[type, Callable[[Any], Any]]
+) -> bytes:
+    """``serializer.dumps(obj)``, where ``reducers`` say how objects of their types pickle,
+    before the serializer's own rules."""
+    module = importlib.import_module(serializer.name)
+    options: dict[str, Any] = {}
+    attributes: dict[str, Any] = {}
+    if serializer.name == "dill":
+        base, options["recurse"] = module.Pickler, True
+        # dill saves some types (locks) itself, before any reducer is asked: not these
+        dispatch = type(base.dispatch)(base.dispatch)  # dill's own type: it knows metaclasses
+        for kind in reducers:
+            dispatch.pop(kind, None)
+        attributes["dispatch"] = dispatch
+    else:
+        base = _cloudpickler(module)
+    default = getattr(base, "dispatch_table", copyreg.dispatch_table)
+    attributes["dispatch_table"] = collections.ChainMap(dict(reducers), default)
+    pickler = type("Pickler", (base,), attributes)
+    with io.BytesIO() as file:
+        pickler(file, protocol=pickle.HIGHEST_PROTOCOL, **options).dump(obj)
+        return file.getvalue()
 
 
 _DYNAMIC_CODE = "<dynamic-code>"

@@ -110,6 +110,47 @@ def failing_init(folder: str) -> None:
     raise ValueError("error in initializer")
 
 
+#: The lock this worker process's initializer was given (keep_lock).
+kept_locks: list[Any] = []
+
+
+def keep_lock(lock: Any) -> None:
+    """An initializer: keep the lock, as ``tqdm.set_lock`` does."""
+    kept_locks[:] = [lock]
+
+
+def try_kept_lock(timeout: float) -> bool:
+    """Whether the initializer's lock could be taken within ``timeout``; released again."""
+    lock = kept_locks[0]
+    if not lock.acquire(timeout=timeout):
+        return False
+    lock.release()
+    return True
+
+
+def hold_kept_lock(held: str, release: str) -> bool:
+    """Take the initializer's lock, say so in the file ``held``, keep it until ``release``
+    exists."""
+    lock = kept_locks[0]
+    with lock:
+        open(held, "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return True
+
+
+def try_kept_lock_while_held(held: str, release: str) -> bool:
+    """Once another call holds the lock (``held`` exists), try it; then let it go."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(held) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        return try_kept_lock(0.3)
+    finally:
+        open(release, "w").close()
+
+
 def put_on(queue: Any, x: int) -> int:
     queue.put(x * 2)
     return x

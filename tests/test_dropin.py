@@ -4,12 +4,15 @@ futures, manager proxies, and maps of a million calls (counted, never timed)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import gc
+import io
 import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
@@ -20,16 +23,26 @@ from calls import (
     divide,
     failing_init,
     getpid,
+    hold_kept_lock,
     inc,
     initialized,
+    keep_lock,
     mark_and_fail_every,
     put_on,
     remember_init,
+    try_kept_lock,
+    try_kept_lock_while_held,
     wait_for,
 )
 from conftest import Gate
 
-from batchpool import BatchPoolExecutor, InitializerError, RemoteTraceback, WorkerLostError
+from batchpool import (
+    BatchPoolExecutor,
+    InitializerError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerLostError,
+)
 from batchpool.future import MapBatch
 
 # -- the constructor --------------------------------------------------------------------------
@@ -92,6 +105,64 @@ def test_a_manager_queue_reaches_the_workers(tmp_path: Path) -> None:
         with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
             assert list(ex.map(put_on, [queue] * 5, range(5))) == list(range(5))
         assert sorted(queue.get(timeout=10) for _ in range(5)) == [0, 2, 4, 6, 8]
+
+
+# -- initargs travel as a forked child inherits them ------------------------------------------
+
+
+def test_tqdms_process_helper_runs_unchanged(tmp_path: Path) -> None:
+    # tqdm passes initializer=tqdm.set_lock, initargs=(its lock: a multiprocessing RLock
+    # of the fork context and a threading RLock), and replaces submit to count calls.
+    from tqdm.contrib.concurrent import _executor_map
+
+    bar = io.StringIO()
+    executor = functools.partial(BatchPoolExecutor, storage=str(tmp_path))
+    assert _executor_map(executor, inc, range(30), max_workers=2, file=bar) == list(range(1, 31))
+    assert "30/30" in bar.getvalue()
+
+
+def test_a_lock_of_the_spawn_context_is_shared_with_the_client(tmp_path: Path) -> None:
+    lock = multiprocessing.get_context("spawn").Lock()
+    with BatchPoolExecutor(1, initializer=keep_lock, initargs=(lock,), storage=str(tmp_path)) as ex:
+        with lock:  # held here: the worker's is the same semaphore
+            assert ex.submit(try_kept_lock, 0.3).result(timeout=60) is False
+        assert ex.submit(try_kept_lock, 10).result(timeout=60) is True
+
+
+@pytest.mark.parametrize("kind", ["Lock", "RLock", "Semaphore", "BoundedSemaphore"])
+def test_a_fork_context_lock_excludes_the_workers_from_each_other(
+    tmp_path: Path, kind: str
+) -> None:
+    lock = getattr(multiprocessing.get_context("fork"), kind)()  # no name: a twin stands in
+    held, release = str(tmp_path / "held"), str(tmp_path / "release")
+    with BatchPoolExecutor(2, initializer=keep_lock, initargs=(lock,), storage=str(tmp_path)) as ex:
+        holder = ex.submit(hold_kept_lock, held, release)
+        other = ex.submit(try_kept_lock_while_held, held, release)
+        assert other.result(timeout=60) is False  # the other worker holds it
+        assert holder.result(timeout=60) is True
+        assert ex.submit(try_kept_lock, 10).result(timeout=60) is True  # and let it go
+
+
+@pytest.mark.parametrize("serializer", ["cloudpickle", "dill"])
+def test_a_threading_lock_in_initargs_is_each_workers_own(tmp_path: Path, serializer: str) -> None:
+    lock = threading.Lock()
+    with (
+        lock,
+        BatchPoolExecutor(
+            1, initializer=keep_lock, initargs=(lock,), serializer=serializer, storage=str(tmp_path)
+        ) as ex,
+    ):  # held by a thread of the client, which is not in the worker
+        assert ex.submit(try_kept_lock, 10).result(timeout=60) is True
+
+
+def test_locks_in_call_arguments_still_fail_at_submit(tmp_path: Path) -> None:
+    # Only initargs are inherited; a call's arguments are pickled, as the stdlib's are.
+    lock = multiprocessing.get_context("spawn").Lock()
+    with (
+        BatchPoolExecutor(1, storage=str(tmp_path)) as ex,
+        pytest.raises(SerializationError, match="Lock"),
+    ):
+        ex.submit(try_kept_lock, lock)
 
 
 # -- errors -----------------------------------------------------------------------------------
