@@ -16,6 +16,7 @@ never makes batchpool signal or wait on it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -73,6 +74,7 @@ def same_process(pid: object, pid_started: object) -> bool | None:
     return now == float(pid_started)
 
 
+@functools.cache  # a process never changes boots; a warm worker asks every job
 def boot_id() -> str | None:
     """This boot's id (Linux); None where the kernel does not say."""
     try:

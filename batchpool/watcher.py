@@ -77,7 +77,7 @@ CANCEL_CHECK = 10.0
 #: How often the chunks of an attached run that old workers still run are checked.
 ORPHAN_POLL = 0.5
 #: Hand-overs to a backend whose jobs die with the client are journaled at most this
-#: many seconds late (or as soon as the watcher has nothing else to do).
+#: many seconds late, many in one entry (and as the run closes).
 HANDED_FLUSH = 1.0
 #: Status queries that may fail in a row before the jobs in flight count as lost.
 MAX_STATUS_FAILURES = 10
@@ -314,11 +314,15 @@ class Watcher:
             self._close()
 
     def _wait_for_events(self) -> None:
-        if self._handed and self._events.empty():  # nothing to do now: catch up
-            self._flush_handed()
         timeout: float | None = None
         if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
+        if self._handed:  # not while a job runs: its end would wait for the journal
+            flush_in = self._handed_since + HANDED_FLUSH - time.monotonic()
+            if flush_in <= 0:
+                self._flush_handed()
+            else:
+                timeout = flush_in if timeout is None else min(timeout, flush_in)
         try:
             item = self._events.get(timeout=timeout)
         except queue.Empty:

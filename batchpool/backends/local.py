@@ -486,12 +486,19 @@ class LocalBackend(Backend):
                     with self._lock:
                         _close_fd(worker.job_pipe)
                         worker.job_pipe = -1
-                self._on_done(worker, message.get("error", ""), bool(message.get("fatal")))
+                self._on_done(
+                    worker,
+                    message.get("error", ""),
+                    bool(message.get("fatal")),
+                    printed=message.get("printed", True),
+                )
         return True
 
-    def _on_done(self, worker: _Worker, error: str, fatal: bool = False) -> None:
+    def _on_done(
+        self, worker: _Worker, error: str, fatal: bool = False, *, printed: bool = True
+    ) -> None:
         # The log first: the next job sent to this worker starts by emptying it.
-        log = _read(worker.log_path) if (error or self._echo) else b""
+        log = _read(worker.log_path) if (error or (self._echo and printed)) else b""
         with self._lock:
             job, worker.job = worker.job, None
             if job is not None:
