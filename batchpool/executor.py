@@ -607,28 +607,32 @@ class BatchPoolExecutor(cf.Executor):
         raise error  # outside the except block: the culprit is the cause, not a context
 
     def _pickle_positional(
-        self, fn: Callable[..., Any], arg_tuples: list[tuple[Any, ...]], call: str
+        self, fn: Callable[..., Any], items: list[Any], call: str, *, single: bool = False
     ) -> bytes:
         """The payload of a map chunk: ``(fn, [args, ...], None)``, the calls' positional
-        arguments only (no pair and no dict per call: a chunk has thousands of calls);
-        ``_pickle_group``'s when an argument is large or something cannot be pickled."""
+        arguments only (no pair and no dict per call: a chunk has thousands of calls),
+        or for a map over one iterable (``single``) ``(fn, [arg, ...], None, 1)``, the
+        arguments themselves; ``_pickle_group``'s when an argument is large or something
+        cannot be pickled."""
         limit = min(self._blob_threshold, self._payload_warning)
+        arg_tuples = [(item,) for item in items[:1]] if single else items[:1]
         if self._ship_code:
-            ship_user_code(self._serializer.name, [fn, *arg_tuples[:1]])
+            ship_user_code(self._serializer.name, [fn, *(a for args in arg_tuples for a in args)])
         # A glance at a few items (a map's items are alike): when they are small the
         # chunk is pickled whole, and a payload over the limit is done again argument
         # by argument, with blobs, as _pickle_lean does.
-        sample = {0, len(arg_tuples) // 2, len(arg_tuples) - 1}
-        biggest = max((sys.getsizeof(a) for i in sample for a in arg_tuples[i]), default=0)
-        if biggest <= limit:
+        sample = [items[i] for i in {0, len(items) // 2, len(items) - 1}]
+        arguments = sample if single else [a for args in sample for a in args]
+        if max(map(sys.getsizeof, arguments), default=0) <= limit:
             try:
-                payload = self._dumps((fn, arg_tuples, None))
+                payload = self._dumps((fn, items, None, 1) if single else (fn, items, None))
             except _PickleFailed:
                 payload = b""  # explained below, call by call
             if payload and len(payload) <= limit:
                 return payload
         no_kwargs: dict[str, Any] = {}
-        return self._pickle_group(fn, [(args, no_kwargs) for args in arg_tuples], call)
+        calls: list[Call] = [((item,) if single else item, no_kwargs) for item in items]
+        return self._pickle_group(fn, calls, call)
 
     def _pickle_lean(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
         """The payload of calls sharing ``fn``; large arguments travel as blobs.

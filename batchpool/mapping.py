@@ -88,7 +88,10 @@ def map_parts(
     if buffersize is not None:
         check_positive_int("buffersize", buffersize)
     executor._check_open()
-    items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
+    # Over one iterable, a chunk holds the arguments themselves: no tuple per call to
+    # make, pickle and unpickle, and the worker calls fn through map().
+    single = len(iterables) == 1
+    items: Iterable[Any] = iter(iterables[0]) if single else zip(*iterables, strict=False)
     length = common_length(iterables)
     if buffersize is None and length is None:
         items = list(items)  # everything is submitted now anyway: learn the length
@@ -100,25 +103,26 @@ def map_parts(
     bar = Progress(length, label, progress, executor._watcher)
     first_item = 0
 
-    def submit_chunk(chunk: list[tuple[Any, ...]]) -> MapPart:
+    def submit_chunk(chunk: list[Any]) -> MapPart:
         nonlocal first_item
         start, first_item = first_item, first_item + len(chunk)
         where = f"{label} in map() (the chunk of items {start} to {first_item - 1})"
-        arg_tuples = chunk
+        todo = chunk
         part = MapPart(None)
         keys = None
         if executor._resume:  # calls that returned before are not sent again
             no_kwargs: dict[str, Any] = {}
-            keys = executor._call_keys(fn, [(args, no_kwargs) for args in chunk])
+            calls = [((item,) if single else item, no_kwargs) for item in chunk]
+            keys = executor._call_keys(fn, calls)
         if keys is not None:
             earlier = [executor._resumed_outcome(key) for key in keys]
             if any(outcome is not None for outcome in earlier):
                 part.resumed = [_RUNS if outcome is None else outcome for outcome in earlier]
-                todo = [i for i, outcome in enumerate(earlier) if outcome is None]
-                arg_tuples, keys = [chunk[i] for i in todo], [keys[i] for i in todo]
-        if arg_tuples:
-            payload = executor._pickle_positional(fn, arg_tuples, where)
-            part.batch = MapBatch(len(arg_tuples))
+                runs = [i for i, outcome in enumerate(earlier) if outcome is None]
+                todo, keys = [chunk[i] for i in runs], [keys[i] for i in runs]
+        if todo:
+            payload = executor._pickle_positional(fn, todo, where, single=single)
+            part.batch = MapBatch(len(todo))
             executor._enqueue_batch(part.batch, payload, label, resources, keys)
         bar.watch(part, len(chunk))
         return part
@@ -145,15 +149,59 @@ def map_parts(
     return in_order()
 
 
-def results(parts: Generator[MapPart, None, None], deadline: float | None) -> Iterator[Any]:
-    """The results of a map's calls in order; a call's exception raised at its item."""
+class MapResults:
+    """What ``map`` returns: the results of its calls in order, a call's exception
+    raised at its item, after which the rest is cancelled and the iterator ends (as the
+    stdlib's map iterator does).
+
+    Iterating it runs in C: ``iter()`` gives an ``itertools.chain`` over each chunk's
+    values, so a million results do not each resume a Python generator. ``next()`` and
+    ``close()`` work as on the stdlib's generator."""
+
+    __slots__ = ("_chain", "_chunks")
+
+    def __init__(self, parts: Generator[MapPart, None, None], deadline: float | None) -> None:
+        self._chunks = _chunk_values(parts, deadline)
+        self._chain = itertools.chain.from_iterable(self._chunks)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._chain
+
+    def __next__(self) -> Any:
+        return next(self._chain)
+
+    def close(self) -> None:
+        """Stop early: cancel the calls not yet yielded, read no more input."""
+        self._chunks.close()
+
+
+def results(parts: Generator[MapPart, None, None], deadline: float | None) -> MapResults:
+    return MapResults(parts, deadline)
+
+
+def _chunk_values(
+    parts: Generator[MapPart, None, None], deadline: float | None
+) -> Generator[Iterator[Any], None, None]:
+    """Each chunk's values, in order, as the caller reaches them."""
     try:
         for part in parts:
             values = part.values(deadline)
             del part  # the caller alone keeps results alive
-            yield from values
+            if type(values) is not _POPPING:  # it may raise a call's exception
+                values = _ending_on_error(values, parts)
+            yield values
     finally:
         parts.close()
+
+
+def _ending_on_error(
+    values: Iterator[Any], parts: Generator[MapPart, None, None]
+) -> Generator[Any, None, None]:
+    try:
+        yield from values
+    except BaseException:
+        parts.close()  # the rest is cancelled, and the iterator ends after this item
+        raise
 
 
 def submitted_map(
@@ -212,6 +260,8 @@ def _batch_values(batch: MapBatch, deadline: float | None) -> Iterator[Any]:
 
 
 _END = object()
+#: The type of a chunk's values when none of its calls raised (see ``_values``).
+_POPPING: type = type(iter([].pop, _END))
 
 
 def _values(outcome: BatchOutcome) -> Iterator[Any]:

@@ -391,7 +391,8 @@ def _run_groups(
         try:
             loaded = serializer.loads(payload)
             fn, calls = loaded[0], loaded[1]
-            positional = len(loaded) == 3  # a map chunk: positional arguments only
+            positional = len(loaded) >= 3  # a map chunk: positional arguments only
+            single = len(loaded) == 4  # of a map over one iterable: the arguments alone
         except BaseException as exc:
             error = _load_error(exc, f"{n_calls} call{'s' if n_calls != 1 else ''}")
             entries.extend([error_entry(error, serializer)] * n_calls)
@@ -399,10 +400,11 @@ def _run_groups(
         name = describe_callable(fn)
         share_globals(fn)
         if positional and not skip:
-            _run_positional(fn, calls, serializer, name, entries, compact)
+            _run_positional(fn, calls, single, serializer, name, entries, compact)
             continue
         if positional:
-            calls = zip(calls, itertools.repeat(_NO_KWARGS))
+            arg_tuples = ((arg,) for arg in calls) if single else calls
+            calls = zip(arg_tuples, itertools.repeat(_NO_KWARGS))
         skipped = frozenset(skip)
         values: list[Any] = []  # of the calls since the last entry
         special: dict[int, Entry] = {}  # the calls that raised or were skipped, by index there
@@ -431,24 +433,27 @@ def _run_groups(
 
 def _run_positional(
     fn: Any,
-    arg_tuples: list[tuple[Any, ...]],
+    arguments: list[Any],
+    single: bool,
     serializer: Serializer,
     name: str,
     entries: list[Entry],
     compact: bool,
 ) -> None:
-    """Run a map chunk's calls (``fn(*args)`` each), as ``_run_groups`` does, at the
-    cost of a list comprehension: ``list.extend`` keeps the values a generator gave
-    before one of its calls raised, so the loop only restarts after a failure."""
+    """Run a map chunk's calls (``fn(*args)`` for each tuple of ``arguments``, or
+    ``fn(arg)`` for each of them when ``single``), as ``_run_groups`` does, at the cost
+    of a list comprehension: ``list.extend`` keeps the values given before one of its
+    calls raised, so the loop only restarts after a failure."""
     global _calls_run
     values: list[Any] = []
     special: dict[int, Entry] = {}
     held = 0
-    remaining = iter(arg_tuples)
+    remaining = iter(arguments)
     while True:
         before = len(values)
+        batch = itertools.islice(remaining, POSITIONAL_BATCH)
         try:
-            values.extend(fn(*args) for args in itertools.islice(remaining, POSITIONAL_BATCH))
+            values.extend(map(fn, batch) if single else (fn(*args) for args in batch))
         except BaseException as exc:  # SystemExit, KeyboardInterrupt: this call only
             special[len(values)] = error_entry(exc, serializer)
             values.append(None)
@@ -461,7 +466,7 @@ def _run_positional(
         if held > COMPACT_BYTES:  # large results: pickled now, not all held at once
             _add_entries(entries, values, special, serializer, name, compact)
             values, special, held = [], {}, 0
-    del arg_tuples, remaining
+    del arguments, remaining
     _add_entries(entries, values, special, serializer, name, compact)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from calls import (
     big_bytes,
+    capture,
     divide,
     failing_init,
     getpid,
@@ -325,6 +326,30 @@ def test_a_map_error_surfaces_at_its_item_and_breaking_out_cancels_the_rest(
         results.close()  # breaking out: the chunks submitted ahead are cancelled
     # The rest of the input was never read, let alone run.
     assert sum(ex.status().values()) <= 5 * 100
+
+
+def test_after_a_map_error_the_iterator_ends_and_the_rest_is_cancelled(tmp_path: Path) -> None:
+    # As the stdlib's map iterator: the exception ends it; the calls not run are cancelled.
+    items = [1, 0, *range(1, 200)]
+    for executor in (cf.ProcessPoolExecutor(2), BatchPoolExecutor(2, storage=str(tmp_path))):
+        with executor as ex:
+            results = ex.map(divide, items, chunksize=1)
+            assert next(results) == 1.0
+            with pytest.raises(ZeroDivisionError):
+                next(results)
+            with pytest.raises(StopIteration):
+                next(results)
+        if isinstance(ex, BatchPoolExecutor):
+            assert ex.status().get("Cancelled", 0) > 0
+
+
+def test_map_over_one_or_many_iterables_keeps_order_and_items(tmp_path: Path) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        assert list(ex.map(inc, range(10_000))) == list(range(1, 10_001))
+        assert list(ex.map(divide, (x for x in [1, 2, 4]))) == [1.0, 0.5, 0.25]
+        pairs = list(ex.map(pow, range(1000), [2] * 999))  # the shortest iterable ends it
+        assert pairs == [x**2 for x in range(999)]
+        assert list(ex.map(capture, [(1,), None])) == [(((1,),), {}), ((None,), {})]
 
 
 def test_large_results_of_one_chunk_are_pickled_in_parts(tmp_path: Path) -> None:
