@@ -26,7 +26,9 @@ chunksizes. Submits and round trips have no chunksize.
 Every measurement runs in a FRESH subprocess (``bench_scale.py --one CONTENDER
 CASE SIZE``), so no contender's memory pollutes another's. In it, the executor is
 created and warmed (every worker started, the same kind of call run once on a
-small input) before anything is timed, so process start-up is not measured. The
+small input) before anything is timed, so process start-up is not measured. A map
+of at most 100,000 calls takes milliseconds: it is timed 7 times back to back
+(``--map-repeats``) and the median kept, for every contender alike. The
 client's peak RSS growth is the peak resident set size during the timed operation
 (Linux: ``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
 just before) minus the RSS right before it. Map results are checked one by one as
@@ -176,6 +178,8 @@ class PeakRSS:
 CONTENDERS = ("batchpool", "stdlib", "loky")
 TITLES = {"batchpool": "batchpool", "stdlib": "ProcessPoolExecutor", "loky": "loky"}
 CASES = ("map", "genmap", "submit", "roundtrip")
+#: Maps of at most this many calls are timed SMALL_MAP_REPEATS times (their median).
+SMALL_MAP, SMALL_MAP_REPEATS = 100_000, 7
 RESULT_PREFIX = "RESULT "
 
 
@@ -288,15 +292,22 @@ def run_one(args: argparse.Namespace) -> int:
         samples: list[float] = []
         with PeakRSS() as mem:
             if case in ("map", "genmap"):
-                seconds = run_map(
-                    ex,
-                    mod,
-                    kind,
-                    size,
-                    generator=case == "genmap",
-                    chunksize=args.chunksize,
-                    buffersize=args.buffersize,
-                )
+                # A map of milliseconds is timed several times, back to back, and its
+                # median kept: one sample of it says more about the machine than the pool.
+                repeats = args.map_repeats or (SMALL_MAP_REPEATS if size <= SMALL_MAP else 1)
+                samples = [
+                    run_map(
+                        ex,
+                        mod,
+                        kind,
+                        size,
+                        generator=case == "genmap",
+                        chunksize=args.chunksize,
+                        buffersize=args.buffersize,
+                    )
+                    for _ in range(repeats)
+                ]
+                seconds = statistics.median(samples)
             elif case == "submit":
                 seconds = run_submit(ex, mod, size)
             else:
@@ -308,8 +319,8 @@ def run_one(args: argparse.Namespace) -> int:
             "chunksize": args.chunksize,
             "buffersize": args.buffersize if kind == "batchpool" and case == "genmap" else None,
             "seconds": seconds,
-            "roundtrip_median_s": statistics.median(samples) if samples else None,
-            "roundtrip_samples_s": samples,
+            "roundtrip_median_s": statistics.median(samples) if case == "roundtrip" else None,
+            "samples_s": samples,
             "rss_baseline_mib": mem.baseline_kb / 1024,
             "rss_peak_mib": mem.peak_kb / 1024,
             "rss_end_mib": mem.end_kb / 1024,
@@ -399,6 +410,8 @@ def run_child(args: argparse.Namespace, kind: str, case: str, size: int, cs: int
         str(args.workers),
         "--buffersize",
         str(args.buffersize),
+        "--map-repeats",
+        str(args.map_repeats),
     ]
     if cs is not None:
         cmd += ["--chunksize", str(cs)]
@@ -525,6 +538,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="kill a client whose RSS exceeds this many MiB (8192)",
     )
     parser.add_argument("--tmp", metavar="DIR", help="where the temporary folders go")
+    parser.add_argument(
+        "--map-repeats",
+        type=int,
+        default=0,
+        help=f"in each run, time a map this many times and keep the median "
+        f"({SMALL_MAP_REPEATS} up to {SMALL_MAP:,} calls, else 1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every raw number here")
     parser.add_argument("--one", nargs=3, metavar=("CONTENDER", "CASE", "SIZE"), help="internal")
     parser.add_argument("--chunksize", type=int, help="internal, with --one")
