@@ -474,7 +474,8 @@ class Watcher:
             groups.append((n_calls, group.payload, tuple(skipped_calls)))
         key = self.store.chunk_key(chunk.id)
         try:
-            header = {**self._header, "labels": chunk.labels, "keys": keys}
+            # Content keys only in resume=True runs: no list of empty ones to pickle
+            header = {**self._header, "labels": chunk.labels, "keys": keys if any(keys) else []}
             self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
         except Exception as exc:
             self._release(chunk)
