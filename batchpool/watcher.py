@@ -1,4 +1,6 @@
-"""The one thread of an executor: it dispatches chunks and completes futures.
+"""The one thread of an executor: it dispatches chunks, and decides what happens when
+their jobs end (retry, give up, break). ``completion.py`` completes the futures from the
+outcomes, ``journal.py`` records the jobs in storage.
 
 State machine of a call::
 
@@ -34,11 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchpool import documents
 from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
 from batchpool.chunking import coalesce_target
 from batchpool.chunks import Adopted, CallGroup, Chunk
-from batchpool.documents import JournalEntry, Manifest
+from batchpool.completion import Completion, storage_error
 from batchpool.errors import (
     BatchPoolError,
     InitializerError,
@@ -46,19 +47,15 @@ from batchpool.errors import (
     WorkerLostError,
     fatal_error,
 )
-from batchpool.future import JOB_STATES, BatchOutcome, BatchPoolFuture, JobRecord, MapBatch, width
+from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord, width
+from batchpool.journal import RunJournal
 from batchpool.processes import is_our_worker
 from batchpool.runs import Usage
-from batchpool.safetext import printable
 from batchpool.serialization import (
     Group,
     Serializer,
-    calls_in,
-    decode_outcome,
     encode_chunk,
-    outcome_values,
     seal,
-    unseal,
 )
 from batchpool.store import Store
 
@@ -66,8 +63,6 @@ log = logging.getLogger("batchpool")
 
 _WAKE = object()
 _CANCEL_QUEUED = object()
-#: Lines of a job's log added to the exceptions its calls raised.
-LOG_TAIL_LINES = 20
 #: Seconds between status queries when the backend pushes job events anyway.
 SAFETY_POLL = 5.0
 #: Status polling for backends without events: fast while jobs end, backing off when idle.
@@ -76,9 +71,6 @@ POLL_MIN, POLL_MAX = 0.05, 2.0
 CANCEL_CHECK = 10.0
 #: How often the chunks of an attached run that old workers still run are checked.
 ORPHAN_POLL = 0.5
-#: Hand-overs to a backend whose jobs die with the client are journaled at most this
-#: many seconds late, many in one entry (and as the run closes).
-HANDED_FLUSH = 1.0
 #: Status queries that may fail in a row before the jobs in flight count as lost.
 MAX_STATUS_FAILURES = 10
 
@@ -140,25 +132,24 @@ class Watcher:
         self._next_poll = time.monotonic() + self._poll_interval
         self._status_failures = 0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
-        self._journal_lock = threading.Lock()  # _cancel_one writes from a caller's thread
-        self._handed: list[dict[str, Any]] = []  # hand-overs not yet journaled
-        self._handed_since = 0.0
-        self._next_journal = next_journal
+        self._journal = RunJournal(store, secret, next_journal)
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
         self._on_cleanup = on_cleanup
-        # Calls by final state; changed by the watcher thread only (a += from two
-        # threads loses counts).
-        self._ended: collections.Counter[str] = collections.Counter()
+        self._completion = Completion(
+            store=store,
+            secret=secret,
+            serializer=serializer,
+            journal=self._journal,
+            on_initializer_failed=self._break,
+            cost_per_core_hour=cost_per_core_hour,
+        )
         self._resumed = 0  # calls that returned in an earlier session (callers' threads)
         self._cancelled_pending = 0  # calls cancel_pending cancelled (callers' threads)
-        self._usage = Usage(cost_per_core_hour=cost_per_core_hour)
         self._cancel_requested = False  # cancel.json seen: stop retrying and dispatching
         #: Why the executor is broken (its initializer failed), as the stdlib's pool breaks.
         self.broken: BaseException | None = None
         self._next_cancel_check = time.monotonic() + CANCEL_CHECK
-        # chunk id -> its engine job ids and state: manifest.json's job table at close
-        self._job_table: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="batchpool-watcher", daemon=True)
         self._thread.start()
 
@@ -261,7 +252,7 @@ class Watcher:
 
     def note_rerun(self, chunk_ids: list[str]) -> None:
         """Journal that calls which failed in these earlier jobs are submitted again."""
-        self._journal(rerun=chunk_ids)
+        self._journal.add(rerun=chunk_ids)
 
     def count_resumed(self) -> None:
         """A call of a resumed run returned its earlier result without running."""
@@ -270,8 +261,7 @@ class Watcher:
 
     def usage(self) -> Usage:
         """What the jobs that ended so far used (a copy)."""
-        usage = self._usage
-        return Usage(**{name: getattr(usage, name) for name in usage.__dataclass_fields__})
+        return self._completion.usage_copy()
 
     def stop(self) -> None:
         """No more calls will come: finish what is in flight, clean up, and end."""
@@ -317,12 +307,11 @@ class Watcher:
         timeout: float | None = None
         if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
-        if self._handed:  # not while a job runs: its end would wait for the journal
-            flush_in = self._handed_since + HANDED_FLUSH - time.monotonic()
-            if flush_in <= 0:
-                self._flush_handed()
-            else:
-                timeout = flush_in if timeout is None else min(timeout, flush_in)
+        flush_in = self._journal.flush_due_in()  # never now: a job's end would wait
+        if flush_in == 0.0:
+            self._journal.flush()
+        elif flush_in is not None:
+            timeout = flush_in if timeout is None else min(timeout, flush_in)
         try:
             item = self._events.get(timeout=timeout)
         except queue.Empty:
@@ -357,7 +346,7 @@ class Watcher:
                 ready.append(parked)
             else:
                 reason = "every call was cancelled before the job was handed over"
-                self._journal_given_up(parked, "Cancelled", reason)
+                self._journal.given_up(parked, "Cancelled", reason)
         while len(self._inflight) + len(ready) < self._limit:
             groups = self._take_groups(len(ready))
             if not groups:
@@ -388,9 +377,9 @@ class Watcher:
                 for i, (future, _, n) in enumerate(chunk.spans()):
                     if future is not None and future.cancel():
                         chunk.futures[i] = None
-                        self._ended["Cancelled"] += n
+                        self._completion.ended["Cancelled"] += n
                 chunk.set_state("Cancelled")
-                self._journal_given_up(chunk, "Cancelled", "cancelled before it was handed over")
+                self._journal.given_up(chunk, "Cancelled", "cancelled before it was handed over")
 
     def _start_parked(self, chunk: Chunk) -> bool:
         """Mark a parked chunk's calls running as it is handed over; False when every
@@ -399,7 +388,7 @@ class Watcher:
             if future is not None and not future._start() and future.cancelled():
                 chunk.futures[i] = None
                 chunk.late_skip.extend(range(first, first + n))
-                self._ended["Cancelled"] += n
+                self._completion.ended["Cancelled"] += n
         if any(f is not None for f in chunk.futures):
             return True
         chunk.set_state("Cancelled")
@@ -437,7 +426,7 @@ class Watcher:
                     ]
                 else:
                     skip = [i for i, f in enumerate(group.futures) if f.cancelled()]
-                self._ended["Cancelled"] += sum(width(group.futures[i]) for i in skip)
+                self._completion.ended["Cancelled"] += sum(width(group.futures[i]) for i in skip)
                 if len(skip) < len(group.futures):
                     taken.append((group, skip))
                     n_calls += group.n_calls
@@ -479,7 +468,7 @@ class Watcher:
             self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
         except Exception as exc:
             self._release(chunk)
-            self._fail(chunk, _storage_error("write the input of", chunk, exc))
+            self._completion.fail(chunk, storage_error("write the input of", chunk, exc))
             return None
         return chunk
 
@@ -497,7 +486,7 @@ class Watcher:
         except Exception as exc:
             for chunk in chunks:
                 self._release(chunk)
-                self._fail(
+                self._completion.fail(
                     chunk,
                     BatchPoolError(
                         f"{self.backend!r} could not start the job for {chunk.describe()} "
@@ -513,59 +502,11 @@ class Watcher:
             chunk.set_state("Ready")
             self._inflight[job_id] = chunk
             self._release(chunk)
-            self._job_table[chunk.id] = chunk.table_entry()
-        # What a client that attaches after this one died needs: which jobs exist.
-        handed = [
-            {
-                "chunk": chunk.id,
-                "attempt": chunk.attempt,
-                "job_id": chunk.job_id,
-                "calls": chunk.n_calls,
-                "labels": sorted(set(chunk.labels)),
-                "cpus": chunk.resources.cpus,
-            }
-            for chunk in chunks
-        ]
-        if self.backend.job_ids_outlive_client or any(chunk.attempt > 1 for chunk in chunks):
-            self._flush_handed()  # in order
-            self._journal(handed=handed)
-            return
-        # Jobs that die with this client (the local pool): an attach finds their chunks
-        # in chunks/ and their workers by their start markers, so the journal can say
-        # they were handed over a little later, many at once, off the path of each job.
-        if not self._handed:
-            self._handed_since = time.monotonic()
-        self._handed.extend(handed)
-        if time.monotonic() - self._handed_since >= HANDED_FLUSH:
-            self._flush_handed()
-
-    def _flush_handed(self) -> None:
-        """Journal the hand-overs ``_submit`` kept back (see there), in one entry."""
-        if self._handed:
-            handed, self._handed = self._handed, []
-            self._journal(handed=handed)
-
-    def _write_job_table(self) -> None:
-        """Put every chunk's engine job ids, attempts and final state in manifest.json,
-        once, as the run closes (while it runs, the journal in ``jobs/`` says it:
-        rewriting the manifest per job would cost O(jobs²) bytes)."""
-        key = self.store.MANIFEST
-        try:
-            manifest = self.store.get_document(Manifest, key, self._secret)
-            jobs = {**documents.to_builtins(manifest).get("jobs", {}), **self._job_table}
-            self.store.put_document(key, documents.replace(manifest, jobs=jobs), self._secret)
-        except Exception as exc:
-            log.warning("batchpool: could not write the job table of %s: %s", self.store.url, exc)
-
-    def _journal(self, **entry: Any) -> None:
-        """Append one entry to the run's journal (``jobs/``), signed; a failure only warns."""
-        try:
-            document = documents.build(JournalEntry, {"time": time.time(), **entry})
-            with self._journal_lock:  # _cancel_one writes from a caller's thread
-                seq = self.store.add_journal_entry(document, self._secret, self._next_journal)
-                self._next_journal = seq + 1
-        except Exception as exc:
-            log.warning("batchpool: could not add to the run's journal: %s", exc)
+        # What a client that attaches after this one died needs: which jobs exist. The
+        # local pool's job ids die with this client: that entry may come a little later.
+        retried = any(chunk.attempt > 1 for chunk in chunks)
+        put_off = not (self.backend.job_ids_outlive_client or retried)
+        self._journal.handed(chunks, put_off=put_off)
 
     def _job_spec(self, chunk: Chunk) -> JobSpec:
         threads = str(max(1, int(chunk.resources.cpus)))
@@ -640,61 +581,8 @@ class Watcher:
 
     def _collect(self, chunk: Chunk, event: JobEvent) -> None:
         """Complete a chunk's futures from its outcome, or handle the job as lost."""
-        key = self.store.result_key(chunk.id, chunk.attempt)
-        try:
-            frame = self.store.get(key)
-        except FileNotFoundError:
+        if not self._completion.collect(chunk):
             self._lost(chunk, event)
-            return
-        except Exception as exc:
-            self._fail(chunk, _storage_error("read the outcome of", chunk, exc))
-            return
-        try:
-            meta, entries = decode_outcome(unseal(self._secret, key, frame))
-            del frame
-            if not meta.get("fatal") and calls_in(entries) != chunk.n_calls:
-                raise BatchPoolError(
-                    f"{key} holds {calls_in(entries)} outcomes for {chunk.n_calls} calls"
-                )
-        except Exception as exc:
-            self._fail(chunk, exc)
-            return
-        self._record_end(chunk, meta)
-        if meta.get("fatal"):  # the worker could not run the calls, and a retry could not
-            error = fatal_error(str(meta["fatal"]))
-            self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
-            return
-        live: set[int] = set()  # the calls whose results are still wanted
-        for future, first, n in chunk.spans():
-            if future is not None and not future.done():
-                live.update(range(first, first + n))
-        values, errors = outcome_values(
-            entries, self._serializer, lambda first, n: not live.isdisjoint(range(first, first + n))
-        )
-        del entries
-        failures = list(errors.values())
-        if failures:
-            self._add_log_tail(chunk, failures)
-        for future, first, n in chunk.spans():
-            if future is None:
-                continue
-            if future.done():  # cancelled while its job ran
-                self._ended["Cancelled"] += n
-                continue
-            mine = {i - first: e for i, e in errors.items() if first <= i < first + n}
-            # Counted first: done-callbacks may ask for status().
-            self._ended["Success"] += n - len(mine)
-            self._ended["Failed"] += len(mine)
-            if isinstance(future, MapBatch):
-                future.set_result(BatchOutcome(values[first : first + n], mine))
-            elif mine:
-                future.set_exception(mine[0])
-            else:
-                future.set_result(values[first])
-        del values
-        if meta.get("initializer_failed") and failures:
-            self._break(failures[0])
-        del failures  # the callers alone keep results alive
 
     def broken_error(self) -> InitializerError:
         """A new error for a call refused because the executor is broken."""
@@ -721,57 +609,21 @@ class Watcher:
         for group in groups:
             for future in group.futures:
                 if not future.done():
-                    self._ended["Error"] += width(future)
+                    self._completion.ended["Error"] += width(future)
                     future.set_exception(error)
                 else:
-                    self._ended["Cancelled"] += width(future)
+                    self._completion.ended["Cancelled"] += width(future)
         for chunk in [*parked, *self._retry]:
-            self._fail(chunk, error, reason=f"{type(error).__name__}: {error}")
+            self._completion.fail(chunk, error, reason=f"{type(error).__name__}: {error}")
         self._retry.clear()
-
-    def _record_end(self, chunk: Chunk, meta: dict[str, Any]) -> None:
-        """Note how a chunk's job ended (its record, the run's usage)."""
-        failed = int(meta.get("failed") or 0)
-        chunk.set_state("Failed" if failed else "Success")
-        self._job_table[chunk.id] = chunk.table_entry()
-        record = chunk.record
-        if record is not None:
-            record.host = meta.get("host")
-            record.started, record.ended = meta.get("started"), meta.get("ended")
-            record.cpu_seconds = meta.get("cpu_seconds")
-            record.peak_memory_bytes = meta.get("peak_memory_bytes")
-            calls = meta.get("calls", chunk.n_calls)
-            errors = meta.get("errors") or []
-            record.exit = f"{failed}/{calls} raised" if failed else "ok"
-            if errors:
-                record.exit += f": {errors[0]}"
-        if "wall_seconds" in meta:
-            self._usage.add(meta, chunk.resources.cpus)
-
-    def _add_log_tail(self, chunk: Chunk, failures: list[BaseException]) -> None:
-        """End the exceptions of a chunk's calls with the last lines of its job's log."""
-        log_key = self.store.log_key(chunk.id, chunk.attempt)
-        try:
-            text = self.store.get(log_key).decode("utf-8", errors="replace")
-        except Exception:  # the job printed nothing (no log), or it is unreadable
-            return
-        lines = text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:]
-        if not lines:
-            return
-        # Printed with the traceback: escape sequences in the log are shown, not obeyed.
-        note = f"Last lines of the job's log ({self.store.path(log_key)}):\n" + "\n".join(
-            "    " + printable(line, one_line=True) for line in lines
-        )
-        for exc in failures:
-            add_note = getattr(exc, "add_note", None)  # Python 3.11+
-            if add_note is not None:
-                add_note(note)
 
     def _lost(self, chunk: Chunk, event: JobEvent) -> None:
         if all(f is None or f.done() for f in chunk.futures):
             # Its calls were cancelled (their queued job dropped): nothing to retry.
             dropped = cf.CancelledError("cancelled by the caller")
-            self._fail(chunk, dropped, state="Cancelled", reason="cancelled by the caller")
+            self._completion.fail(
+                chunk, dropped, state="Cancelled", reason="cancelled by the caller"
+            )
             return
         reason = event.reason or f"it ended as {event.state.name}"
         if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
@@ -784,7 +636,7 @@ class Watcher:
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
         fatal = self._fatal_cause(chunk, event, reason)
         if fatal is not None:  # a retry would run the calls again, and fail the same way
-            self._fail(chunk, fatal, reason=f"{type(fatal).__name__}: {fatal}")
+            self._completion.fail(chunk, fatal, reason=f"{type(fatal).__name__}: {fatal}")
             return
         if not self._cancel_requested and self._cancel_marked():
             self._on_cancel_request()
@@ -811,7 +663,7 @@ class Watcher:
         text = "\n".join([headline, *("  " + r for r in chunk.reasons)])
         if event.log_tail:
             text += "\nLast lines of the job's output:\n" + event.log_tail
-        self._fail(chunk, WorkerLostError(text), state=state, reason=reason)
+        self._completion.fail(chunk, WorkerLostError(text), state=state, reason=reason)
 
     def _fatal_cause(self, chunk: Chunk, event: JobEvent, reason: str) -> BatchPoolError | None:
         """Why running a job that ended without a result again cannot help, if it cannot:
@@ -868,44 +720,22 @@ class Watcher:
             for i, (future, _, n) in enumerate(chunk.spans()):
                 if future is not None:
                     chunk.futures[i] = None
-                    self._ended["Cancelled"] += n
+                    self._completion.ended["Cancelled"] += n
             chunk.set_state("Cancelled")
-            self._journal_given_up(chunk, "Cancelled", "batchpool cancel")
+            self._journal.given_up(chunk, "Cancelled", "batchpool cancel")
         if self._inflight:  # each ends as CANCELLED, and is not retried
             try:
                 self.backend.cancel(list(self._inflight))
             except Exception as exc:
                 log.warning("batchpool: cancelling the jobs in flight failed: %s", exc)
         for chunk in list(self._retry):
-            self._fail(
+            self._completion.fail(
                 chunk,
                 WorkerLostError(f"{chunk.describe()} was cancelled before its retry ran"),
                 state="Cancelled",
                 reason="batchpool cancel",
             )
         self._retry.clear()
-
-    def _fail(
-        self, chunk: Chunk, exc: BaseException, *, state: str = "Error", reason: str = ""
-    ) -> None:
-        chunk.set_state(state)
-        self._job_table[chunk.id] = chunk.table_entry()
-        if chunk.record is not None:
-            ended = "cancelled" if state == "Cancelled" else "lost"
-            chunk.record.exit = f"{ended}: {reason or exc}"
-        for future, _, n in chunk.spans():
-            if future is None:
-                continue
-            if not future.done():
-                self._ended[state] += n
-                future.set_exception(exc)
-            elif future.cancelled():
-                self._ended["Cancelled"] += n
-        self._journal_given_up(chunk, state, reason or f"{type(exc).__name__}: {exc}")
-
-    def _journal_given_up(self, chunk: Chunk, state: str, reason: str) -> None:
-        entry = {"chunk": chunk.id, "attempt": chunk.attempt, "state": state}
-        self._journal(given_up=[{**entry, "reason": reason[:2000]}])
 
     # -- a run adopted from a client that died -------------------------------------------
 
@@ -923,7 +753,7 @@ class Watcher:
                 self._orphans[chunk.id] = chunk
             elif item.how == "given_up":  # the client that died had given up on it
                 why = "; ".join(chunk.reasons)
-                self._fail(chunk, WorkerLostError(f"{chunk.describe()} failed: {why}"))
+                self._completion.fail(chunk, WorkerLostError(f"{chunk.describe()} failed: {why}"))
             else:  # never handed to an engine, or handed to one that died with the client
                 self._retry.append(chunk)
         self._adopted.clear()
@@ -959,7 +789,7 @@ class Watcher:
         with self._lock:
             pending = [f for group in self._pending for f in group.futures]
             pending += [f for chunk in self._parked for f in chunk.futures if f is not None]
-            counts.update(self._ended)
+            counts.update(self._completion.ended)
             counts["Success"] += self._resumed
             counts["Cancelled"] += self._cancelled_pending
         for future in pending:
@@ -993,7 +823,7 @@ class Watcher:
                 if future is not None and not future.done():
                     future.set_exception(error)
         for chunk in [*self._inflight.values(), *self._retry]:
-            self._fail(chunk, error)
+            self._completion.fail(chunk, error)
         for group in groups:
             for future in group.futures:
                 if not future.done():
@@ -1002,10 +832,9 @@ class Watcher:
         self._retry.clear()
 
     def _close(self) -> None:
-        self._flush_handed()
+        self._journal.flush()
         if not self._cleanup:
-            self._journal(closed=time.time(), usage=self._usage.as_dict())
-            self._write_job_table()
+            self._journal.close(self._completion.usage.as_dict())
         if self._owns_backend:
             try:
                 self.backend.close()
@@ -1046,11 +875,3 @@ class _Request:
                 "waiting on storage (see the log of the 'batchpool' logger)"
             )
         return self._value
-
-
-def _storage_error(what: str, chunk: Chunk, exc: Exception) -> StorageError:
-    return StorageError(
-        f"could not {what} {chunk.describe()} (chunk {chunk.id}) in storage: "
-        f"{type(exc).__name__}: {exc}",
-        transient=getattr(exc, "transient", False),
-    )
