@@ -7,9 +7,7 @@ import concurrent.futures as cf
 import dataclasses
 import functools
 import hashlib
-import itertools
 import multiprocessing
-import operator
 import os
 import secrets
 import socket
@@ -26,13 +24,11 @@ from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend, WorkerProcess
 from batchpool.chunks import CallGroup
-from batchpool.codeship import ship_user_code
-from batchpool.diagnostics import explain_pickling_error
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError, check_positive_int
 from batchpool.future import BatchPoolFuture, MapBatch
-from batchpool.inheritance import InheritedLocks
 from batchpool.mapping import AsyncMap, map_parts, results, submitted_map
+from batchpool.payloads import Call, Payloads
 from batchpool.processes import boot_id, orphan_grace, process_started
 from batchpool.recovery import (
     Reopened,
@@ -54,18 +50,12 @@ from batchpool.runs import Usage
 from batchpool.serialization import (
     SECRET_ENV,
     BlobRef,
-    blob_digest,
     client_versions,
     describe_callable,
-    describe_type,
-    dumps_with_reducers,
     get_serializer,
 )
 from batchpool.store import STORE_ENV, Store, open_storage
 from batchpool.watcher import Watcher
-
-#: One call's arguments, as pickled: ``(args, kwargs)``.
-Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 # -- interpreter exit: as the stdlib does, let submitted work finish ------------------------
 
@@ -210,8 +200,8 @@ class BatchPoolExecutor(cf.Executor):
         check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
             raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
-        self._blob_threshold = check_positive_int("blob_threshold", blob_threshold)
-        self._payload_warning = check_positive_int("payload_warning", payload_warning)
+        check_positive_int("blob_threshold", blob_threshold)
+        check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
         self._serializer = get_serializer(serializer)
@@ -240,10 +230,14 @@ class BatchPoolExecutor(cf.Executor):
                 f"not a {type(backend).__name__}"
             )
         self._backend = backend
-        self._ship_code = not backend.shares_client_code if ship_code is None else ship_code
-        self._inherited_locks = InheritedLocks()  # lives as long as workers may start
+        self._payloads = Payloads(
+            self._serializer,
+            ship_code=not backend.shares_client_code if ship_code is None else ship_code,
+            blob_threshold=blob_threshold,
+            payload_warning=payload_warning,
+        )
         try:
-            initializer_data = self._pickle_initializer(initializer, initargs)
+            initializer_data = self._payloads.initializer(initializer, initargs)
         except BaseException:
             if owns_backend:
                 backend.close()
@@ -336,11 +330,10 @@ class BatchPoolExecutor(cf.Executor):
         self._futures = _reopened.futures if _reopened is not None else []
         job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         self._store = store
-        self._blob_lock = threading.Lock()
-        self._blobs_written: set[str] = set()
+        self._payloads.use_store(store)
         header: dict[str, Any] = dict(versions)
         if initializer_data is not None:  # each worker process runs it before its first call
-            ref = self._store_blob(initializer, initializer_data)
+            ref = self._payloads.store_blob(initializer, initializer_data)
             header["initializer"] = {"digest": ref.digest, "size": ref.size}
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -506,7 +499,7 @@ class BatchPoolExecutor(cf.Executor):
         keys = self._call_keys(fn, [(args, kwargs)])
         if keys is not None and keys[0] in self._reopened_results:
             return self._resumed_future(keys[0])
-        payload = self._pickle_group(fn, [(args, kwargs)])
+        payload = self._payloads.group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
         future._on_cancel = self._watcher.notify_cancelled
         self._enqueue(
@@ -550,152 +543,7 @@ class BatchPoolExecutor(cf.Executor):
         process and shared by the calls it runs: treat it as read-only.
         """
         self._check_open()
-        if self._ship_code:
-            ship_user_code(self._serializer.name, [obj])
-        try:
-            data = self._dumps(obj)
-        except _PickleFailed as failed:
-            dumps = self._serializer.dumps
-            error = explain_pickling_error("put(obj)", _put, [((obj,), {})], dumps, failed.error)
-        else:
-            return self._store_blob(obj, data)
-        raise error
-
-    # -- what travels ------------------------------------------------------------------------
-
-    def _pickle_initializer(
-        self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
-    ) -> bytes | None:
-        """``(initializer, initargs)`` pickled, or None; a SerializationError naming the
-        culprit when they cannot be."""
-        if initializer is None:
-            return None
-        initargs = tuple(initargs)
-        if self._ship_code:
-            ship_user_code(self._serializer.name, [initializer, *initargs])
-        # initargs travel as a forked child inherits them: locks included (inheritance.py)
-        reducers = self._inherited_locks.reducers()
-
-        def dumps(obj: Any) -> bytes:
-            return dumps_with_reducers(self._serializer, obj, reducers)
-
-        try:
-            return dumps((initializer, initargs))
-        except Exception as exc:
-            label = f"the initializer {describe_callable(initializer)}"
-            calls: list[Call] = [(initargs, {})]
-            error = explain_pickling_error(label, initializer, calls, dumps, exc)
-        raise error
-
-    def _dumps(self, obj: Any) -> bytes:
-        try:
-            return self._serializer.dumps(obj)
-        except Exception as exc:
-            raise _PickleFailed(exc) from exc
-
-    def _pickle_group(self, fn: Callable[..., Any], calls: list[Call], call: str = "") -> bytes:
-        """The payload of calls sharing ``fn``; a SerializationError naming the culprit
-        when something in them cannot be pickled."""
-        if self._ship_code:
-            ship_user_code(self._serializer.name, [fn, *(part for c in calls[:1] for part in c)])
-        try:
-            return self._pickle_lean(fn, calls)
-        except _PickleFailed as failed:
-            label = call or describe_callable(fn)
-            dumps = self._serializer.dumps
-            error = explain_pickling_error(label, fn, calls, dumps, failed.error)
-        raise error  # outside the except block: the culprit is the cause, not a context
-
-    def _pickle_positional(
-        self, fn: Callable[..., Any], items: list[Any], call: str, *, single: bool = False
-    ) -> bytes:
-        """The payload of a map chunk: ``(fn, [args, ...], None)``, the calls' positional
-        arguments only (no pair and no dict per call: a chunk has thousands of calls),
-        or for a map over one iterable (``single``) ``(fn, [arg, ...], None, 1)``, the
-        arguments themselves; ``_pickle_group``'s when an argument is large or something
-        cannot be pickled."""
-        limit = min(self._blob_threshold, self._payload_warning)
-        arg_tuples = [(item,) for item in items[:1]] if single else items[:1]
-        if self._ship_code:
-            ship_user_code(self._serializer.name, [fn, *(a for args in arg_tuples for a in args)])
-        # A glance at a few items (a map's items are alike): when they are small the
-        # chunk is pickled whole, and a payload over the limit is done again argument
-        # by argument, with blobs, as _pickle_lean does.
-        sample = [items[i] for i in {0, len(items) // 2, len(items) - 1}]
-        arguments = sample if single else [a for args in sample for a in args]
-        if max(map(sys.getsizeof, arguments), default=0) <= limit:
-            try:
-                payload = self._dumps((fn, items, None, 1) if single else (fn, items, None))
-            except _PickleFailed:
-                payload = b""  # explained below, call by call
-            if payload and len(payload) <= limit:
-                return payload
-        no_kwargs: dict[str, Any] = {}
-        calls: list[Call] = [((item,) if single else item, no_kwargs) for item in items]
-        return self._pickle_group(fn, calls, call)
-
-    def _pickle_lean(self, fn: Callable[..., Any], calls: list[Call]) -> bytes:
-        """The payload of calls sharing ``fn``; large arguments travel as blobs.
-
-        Small calls are pickled once, whole. When that is large, or an argument is
-        large at a glance (``sys.getsizeof``: arrays, bytes, strings), each argument
-        is pickled on its own and the large ones are replaced by blob references.
-        An object passed to many calls of one group is pickled once.
-        """
-        limit = min(self._blob_threshold, self._payload_warning)
-        # In C loops: a map chunk has thousands of calls.
-        arguments = itertools.chain(
-            itertools.chain.from_iterable(map(operator.itemgetter(0), calls)),
-            itertools.chain.from_iterable(kwargs.values() for _, kwargs in calls if kwargs),
-        )
-        if max(map(sys.getsizeof, arguments), default=0) <= limit:
-            payload = self._dumps((fn, calls))
-            if len(payload) <= limit:
-                return payload
-            del payload
-        label = describe_callable(fn)
-        seen: dict[int, Any] = {}  # id -> what replaces it; every object here stays alive
-
-        def lean(obj: Any, where: str) -> Any:
-            if id(obj) not in seen:
-                seen[id(obj)] = self._maybe_blob(obj, where, label)
-            return seen[id(obj)]
-
-        fn = lean(fn, "the function")
-        lean_calls: list[Call] = []
-        for i, (args, kwargs) in enumerate(calls):
-            item = f"item {i}: " if len(calls) > 1 else ""
-            lean_args = tuple(lean(a, f"{item}args[{j}]") for j, a in enumerate(args))
-            lean_kwargs = {k: lean(v, f"{item}kwargs[{k!r}]") for k, v in kwargs.items()}
-            lean_calls.append((lean_args, lean_kwargs))
-        return self._dumps((fn, lean_calls))
-
-    def _maybe_blob(self, obj: Any, where: str, label: str) -> Any:
-        """``obj``, or a BlobRef to it when it pickles larger than the blob threshold."""
-        if isinstance(obj, BlobRef):
-            return obj
-        data = self._dumps(obj)
-        if len(data) > self._payload_warning:
-            warnings.warn(
-                f"{where} of the call to {label} pickles to {len(data) / 1e6:,.0f} MB "
-                f"(a {describe_type(obj)}); it is stored once per run, but consider passing "
-                "a path and loading it in the job",
-                stacklevel=6,
-            )
-        if len(data) <= self._blob_threshold:
-            return obj
-        return self._store_blob(obj, data)
-
-    def _store_blob(self, obj: Any, data: bytes) -> BlobRef:
-        """Write ``data`` (``obj`` pickled) to ``blobs/`` unless this run already has it."""
-        ref = BlobRef(blob_digest(data), len(data), describe_type(obj))
-        with self._blob_lock:
-            known = ref.digest in self._blobs_written
-        if not known:
-            self._store.put(self._store.blob_key(ref.digest), data)
-            with self._blob_lock:
-                self._blobs_written.add(ref.digest)
-        return ref
+        return self._payloads.put(obj)
 
     def map(
         self,
@@ -954,19 +802,6 @@ class JobOptions:
 
     def __repr__(self) -> str:
         return f"<options of {self._executor!r}: {self.resources}>"
-
-
-class _PickleFailed(Exception):
-    """Carries a serializer's error out of the pickling code to the diagnosis."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
-
-
-def _put(obj: Any) -> Any:
-    """What ``put`` is described as, for diagnostics: a call taking the object."""
-    return obj
 
 
 __all__ = ["AsyncMap", "BatchPoolExecutor"]

@@ -121,7 +121,7 @@ def map_parts(
                 runs = [i for i, outcome in enumerate(earlier) if outcome is None]
                 todo, keys = [chunk[i] for i in runs], [keys[i] for i in runs]
         if todo:
-            payload = executor._pickle_positional(fn, todo, where, single=single)
+            payload = executor._payloads.positional(fn, todo, where, single=single)
             part.batch = MapBatch(len(todo))
             executor._enqueue_batch(part.batch, payload, label, resources, keys)
         bar.watch(part, len(chunk))
