@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import resource
+import select
 import socket
 import stat
 import sys
@@ -689,7 +690,41 @@ def _job_parser() -> argparse.ArgumentParser:
 # -- the warm pool worker -----------------------------------------------------------------
 
 
-_busy = threading.Lock()  # held while a pool worker runs a job
+_busy = threading.Lock()  # held while a pool worker runs a job, or writes its markers
+
+#: End markers a pool worker has put off (``serve``): they tell people how a job went,
+#: the client reads the outcome, so they are written when no job waits, at most
+#: ``END_MARKER_DELAY`` seconds late, and before the worker exits. Under ``_busy``.
+_unwritten: list[Callable[[], None]] = []
+END_MARKER_DELAY = 1.0
+
+
+def _write_end_markers() -> None:
+    while _unwritten:
+        _unwritten.pop(0)()
+
+
+class _JobLines:
+    """The lines of the job pipe, read straight from its descriptor, so the worker can
+    tell whether a job waits before it blocks for the next one."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+
+    def next(self, when_idle: Callable[[], None] | None = None) -> bytes | None:
+        """The next line (None at the end of the pipe); ``when_idle`` runs first if no
+        job waits."""
+        while b"\n" not in self._buffer:
+            if when_idle is not None and not select.select([self._fd], [], [], 0)[0]:
+                when_idle()
+                when_idle = None
+            data = os.read(self._fd, 65536)
+            if not data:
+                return None
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -700,7 +735,8 @@ def _exit_when_orphaned(parent: int) -> None:
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
-            _busy.acquire(timeout=orphan_grace())
+            if _busy.acquire(timeout=orphan_grace()):
+                _write_end_markers()
             os._exit(0)
 
 
@@ -709,7 +745,7 @@ def serve(job_fd: int, event_fd: int) -> None:
     threading.Thread(
         target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="orphan-check"
     ).start()
-    jobs = os.fdopen(job_fd, "rb")
+    jobs = _JobLines(job_fd)
     events = os.fdopen(event_fd, "wb", buffering=0)
 
     def send(message: dict[str, Any]) -> None:
@@ -718,7 +754,7 @@ def serve(job_fd: int, event_fd: int) -> None:
         except BrokenPipeError:  # the pool's parent died: nobody is listening
             pass
 
-    hello = json.loads(jobs.readline())
+    hello = json.loads(jobs.next() or b"{}")
     parent_path = hello["sys_path"]
     sys.path[:] = parent_path + [p for p in sys.path if p not in parent_path]
     if hello.get("authkey"):  # Manager proxies passed to calls authenticate with it
@@ -728,7 +764,13 @@ def serve(job_fd: int, event_fd: int) -> None:
     max_calls = hello.get("max_calls") or 0
     capture = _Capture(own_file=False)
     send({"ready": os.getpid()})
-    for line in jobs:
+    put_off_since = 0.0
+
+    def write_markers() -> None:
+        with _busy:
+            _write_end_markers()
+
+    while (line := jobs.next(write_markers if _unwritten else None)) is not None:
         message = json.loads(line)
         if message.get("stop"):
             break
@@ -745,10 +787,14 @@ def serve(job_fd: int, event_fd: int) -> None:
             retire = bool(max_calls) and _calls_run >= max_calls
             done = {"done": message["job"], "error": error, "fatal": fatal, "retire": retire}
             send({**done, "printed": capture.printed})  # the pool reads only logs with text
-            for write in deferred:  # the end marker, after the pool heard of the end
-                write()
+            if not _unwritten:
+                put_off_since = time.monotonic()
+            _unwritten.extend(deferred)  # the end marker, after the pool heard of the end
+            if time.monotonic() - put_off_since >= END_MARKER_DELAY:
+                _write_end_markers()
         if retire:  # max_tasks_per_child: the pool starts a fresh process in its place
             break
+    write_markers()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
