@@ -259,6 +259,10 @@ class Watcher:
         with self._lock:  # not _ended, which only the watcher thread changes
             self._resumed += 1
 
+    def seconds_per_call(self, label: str) -> float | None:
+        """What a call of the function ``label`` took in its last job, if one ended."""
+        return self._completion.seconds_per_call.get(label)
+
     def usage(self) -> Usage:
         """What the jobs that ended so far used (a copy)."""
         return self._completion.usage_copy()
@@ -354,6 +358,11 @@ class Watcher:
             chunk = self._make_chunk(groups)
             if chunk is not None:
                 ready.append(chunk)
+                if self.backend.bounded and len(self._inflight) < self.capacity:
+                    # A worker of the pool is idle: it starts on this chunk while the
+                    # next ones are written (an engine gets them together: one array job).
+                    self._submit(ready)
+                    ready = []
         if ready:
             self._submit(ready)
         self._park_backlog()
