@@ -11,6 +11,8 @@ T = TypeVar("T")
 
 #: ``map`` aims at this many chunks per worker, so a slow chunk does not hold up the end.
 CHUNKS_PER_WORKER = 4
+#: A chunk of a function whose calls are known to be quick lasts at least this long.
+MIN_CHUNK_SECONDS = 0.01
 #: The largest chunk ``map`` makes by itself; bounds the latency of one job (and a worker
 #: pickles large results in parts, see ``worker.COMPACT_BYTES``).
 MAX_AUTO_CHUNKSIZE = 16384
@@ -30,9 +32,18 @@ def common_length(iterables: Sequence[Iterable[Any]]) -> int | None:
         return None
 
 
-def auto_chunksize(n_items: int, workers: int) -> int:
-    """The chunk size ``map`` picks for ``n_items`` calls over ``workers`` parallel jobs."""
-    per_chunk = math.ceil(n_items / (CHUNKS_PER_WORKER * max(1, workers)))
+def auto_chunksize(n_items: int, workers: int, seconds_per_call: float | None = None) -> int:
+    """The chunk size ``map`` picks for ``n_items`` calls over ``workers`` parallel jobs.
+
+    With ``seconds_per_call`` (what earlier calls of the function took), chunks that
+    would end sooner than ``MIN_CHUNK_SECONDS`` are made larger, down to one per worker:
+    a job's own cost (a few files, a few hops between threads, about a millisecond)
+    must not outweigh its calls."""
+    workers = max(1, workers)
+    per_chunk = math.ceil(n_items / (CHUNKS_PER_WORKER * workers))
+    if seconds_per_call is not None and seconds_per_call > 0:
+        lasting = math.ceil(MIN_CHUNK_SECONDS / seconds_per_call)
+        per_chunk = max(per_chunk, min(lasting, n_items // workers))
     return max(1, min(MAX_AUTO_CHUNKSIZE, per_chunk))
 
 

@@ -50,6 +50,10 @@ class Completion:
         self.ended: collections.Counter[str] = collections.Counter()
         #: What the jobs that ended used.
         self.usage = Usage(cost_per_core_hour=cost_per_core_hour)
+        #: Seconds per call of the last job of each function (by label) that ran alone
+        #: in its chunk, for map's chunk sizes. Read from callers' threads: one dict
+        #: lookup, atomic.
+        self.seconds_per_call: dict[str, float] = {}
 
     def collect(self, chunk: Chunk) -> bool:
         """Complete the chunk's futures from its job's outcome; False when there is no
@@ -151,6 +155,9 @@ class Completion:
                 record.exit += f": {errors[0]}"
         if "wall_seconds" in meta:
             self.usage.add(meta, chunk.resources.cpus)
+            calls = meta.get("calls") or 0
+            if calls > 0 and len(set(chunk.labels)) == 1:
+                self.seconds_per_call[chunk.labels[0]] = float(meta["wall_seconds"]) / calls
 
     def _add_log_tail(self, chunk: Chunk, failures: list[BaseException]) -> None:
         """End the exceptions of a chunk's calls with the last lines of its job's log."""

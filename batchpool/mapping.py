@@ -96,10 +96,11 @@ def map_parts(
     if buffersize is None and length is None:
         items = list(items)  # everything is submitted now anyway: learn the length
         length = len(items)
-    if chunksize is None and length is not None:
-        chunksize = auto_chunksize(length, executor._watcher.capacity)
-    chunks = iter_chunks(items, chunksize)
     label = describe_callable(fn)
+    if chunksize is None and length is not None:
+        watcher = executor._watcher
+        chunksize = auto_chunksize(length, watcher.capacity, watcher.seconds_per_call(label))
+    chunks = iter_chunks(items, chunksize)
     bar = Progress(length, label, progress, executor._watcher)
     first_item = 0
 

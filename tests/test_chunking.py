@@ -14,6 +14,7 @@ from batchpool.chunking import (
     MAX_AUTO_CHUNKSIZE,
     MAX_COALESCE,
     MAX_GROWING_CHUNKSIZE,
+    MIN_CHUNK_SECONDS,
     auto_chunksize,
     coalesce_target,
     common_length,
@@ -98,6 +99,21 @@ def test_auto_chunksize_bounds(n, workers):
     assert 1 <= size <= MAX_AUTO_CHUNKSIZE
     if size < MAX_AUTO_CHUNKSIZE:  # not capped: about four chunks per worker, no more
         assert -(-n // size) <= CHUNKS_PER_WORKER * max(1, workers)
+
+
+@pure
+@given(
+    n=st.integers(1, 10**9),
+    workers=st.integers(1, 10_000),
+    seconds=st.floats(1e-9, 1e3, allow_nan=False),
+)
+def test_auto_chunksize_for_quick_calls_keeps_a_chunk_per_worker(n, workers, seconds):
+    balanced = auto_chunksize(n, workers)
+    size = auto_chunksize(n, workers, seconds)
+    assert balanced <= size <= MAX_AUTO_CHUNKSIZE  # only ever larger, and still capped
+    if size > balanced:  # made larger because a balanced chunk would end too soon
+        assert balanced * seconds < MIN_CHUNK_SECONDS
+        assert -(-n // size) >= min(workers, n)  # no fewer chunks than workers
 
 
 @pure

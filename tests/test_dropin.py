@@ -328,6 +328,16 @@ def test_a_map_error_surfaces_at_its_item_and_breaking_out_cancels_the_rest(
     assert sum(ex.status().values()) <= 5 * 100
 
 
+def test_later_maps_of_a_quick_function_make_fewer_longer_chunks(tmp_path: Path) -> None:
+    with BatchPoolExecutor(2, storage=str(tmp_path)) as ex:
+        assert list(ex.map(inc, range(10_000))) == list(range(1, 10_001))
+        first = ex.usage().jobs  # nothing known yet: about four chunks per worker
+        assert list(ex.map(inc, range(10_000))) == list(range(1, 10_001))
+        second = ex.usage().jobs - first  # its calls are quick: chunks that last longer
+    assert first == 8
+    assert 2 <= second < first  # and never fewer than one per worker
+
+
 def test_after_a_map_error_the_iterator_ends_and_the_rest_is_cancelled(tmp_path: Path) -> None:
     # As the stdlib's map iterator: the exception ends it; the calls not run are cancelled.
     items = [1, 0, *range(1, 200)]
