@@ -27,7 +27,13 @@ from batchpool.chunks import CallGroup
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError, check_positive_int
 from batchpool.future import BatchPoolFuture, MapBatch
-from batchpool.mapping import AsyncMap, map_parts, results, submitted_map
+from batchpool.mapping import (
+    AsyncMap,
+    check_map_arguments,
+    map_parts,
+    results,
+    submitted_map,
+)
 from batchpool.payloads import Call, Payloads
 from batchpool.processes import boot_id, orphan_grace, process_started
 from batchpool.recovery import (
@@ -580,6 +586,7 @@ class BatchPoolExecutor(cf.Executor):
             raise ValueError("timeout must be None or a number of seconds >= 0")
         deadline = None if timeout is None else time.monotonic() + timeout
         if resources is None and "submit" in vars(self):  # replaced, to watch map's calls
+            check_map_arguments(fn, chunksize, buffersize)
             self._check_open()
             return submitted_map(self.submit, fn, iterables, deadline, buffersize)
         parts = map_parts(self, fn, iterables, chunksize, buffersize, resources, progress)

@@ -68,6 +68,16 @@ class MapPart:
         return _merge(self.resumed, ran)
 
 
+def check_map_arguments(fn: Any, chunksize: int | None, buffersize: int | None) -> None:
+    """A clear error for what ``map`` cannot take, before any input is read."""
+    if not callable(fn):
+        raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
+    if chunksize is not None:
+        check_positive_int("chunksize", chunksize)
+    if buffersize is not None:
+        check_positive_int("buffersize", buffersize)
+
+
 def map_parts(
     executor: BatchPoolExecutor,
     fn: Callable[..., Any],
@@ -81,12 +91,7 @@ def map_parts(
 
     Everything is checked and, without ``buffersize``, submitted before this returns;
     closing the generator cancels what was submitted and not yet yielded."""
-    if not callable(fn):
-        raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
-    if chunksize is not None:
-        check_positive_int("chunksize", chunksize)
-    if buffersize is not None:
-        check_positive_int("buffersize", buffersize)
+    check_map_arguments(fn, chunksize, buffersize)
     executor._check_open()
     # Over one iterable, a chunk holds the arguments themselves: no tuple per call to
     # make, pickle and unpickle, and the worker calls fn through map().
@@ -216,11 +221,8 @@ def submitted_map(
 
     For code that replaced an executor's ``submit`` to watch map's calls, as
     ``tqdm.contrib.concurrent``'s helpers do for their progress bar: it sees every
-    call. batchpool still groups the calls into chunks as it does ``submit``'s."""
-    if not callable(fn):
-        raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
-    if buffersize is not None:
-        check_positive_int("buffersize", buffersize)
+    call. batchpool still groups the calls into chunks as it does ``submit``'s. The
+    caller checks the arguments first (``check_map_arguments``)."""
     items = zip(*iterables, strict=False)
     pending = collections.deque(submit(fn, *args) for args in itertools.islice(items, buffersize))
 

@@ -785,8 +785,16 @@ def serve(job_fd: int, event_fd: int) -> None:
                 traceback.print_exc()
                 _flush()
             retire = bool(max_calls) and _calls_run >= max_calls
-            done = {"done": message["job"], "error": error, "fatal": fatal, "retire": retire}
-            send({**done, "printed": capture.printed})  # the pool reads only logs with text
+            # "printed": the pool reads the job's log only when it has text
+            send(
+                {
+                    "done": message["job"],
+                    "error": error,
+                    "fatal": fatal,
+                    "retire": retire,
+                    "printed": capture.printed,
+                }
+            )
             if not _unwritten:
                 put_off_since = time.monotonic()
             _unwritten.extend(deferred)  # the end marker, after the pool heard of the end
