@@ -242,6 +242,9 @@ _BUILTIN: dict[str, str] = {"local": "batchpool.backends.local:LocalBackend"}
 _BUILTIN["sge"] = "batchpool.backends.sge:SGEBackend"
 _BUILTIN["slurm"] = "batchpool.backends.slurm:SlurmBackend"
 _BUILTIN["dask"] = "batchpool.backends.dask:DaskBackend"
+_BUILTIN["docker"] = "batchpool.backends.docker:DockerBackend"
+_BUILTIN["aws-batch"] = "batchpool.backends.aws_batch:AWSBatchBackend"
+_BUILTIN["hail"] = "batchpool.backends.hail:HailBatchBackend"
 _REGISTERED: dict[str, type[Backend]] = {}
 
 
