@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from batchpool.backends.base import Backend, JobState, backend_class, make_backend
 from batchpool.documents import CancelRequest, DocumentError, Manifest, to_builtins
-from batchpool.errors import BatchPoolError
+from batchpool.errors import BackendError, BatchPoolError
 from batchpool.future import FINAL_STATES
 from batchpool.processes import is_our_worker, same_process
 from batchpool.recovery import find_secret, forget_secret
@@ -1067,7 +1067,47 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--force", action="store_true", help="delete running runs too")
     backend_options(clean)
     clean.set_defaults(handler=cmd_clean)
+
+    image = command("image", "container images for workers")
+    image_commands = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    build = image_commands.add_parser(
+        "build",
+        help="build a worker image that matches this client",
+        description="Build a worker image from a base image that has python3 (this client's "
+        "minor version) and pip: it installs this batchpool, its serializer and storage "
+        "libraries at the versions installed here, and your requirements.",
+    )
+    build.add_argument("--base", required=True, metavar="IMAGE", help="the base image")
+    build.add_argument("-t", "--tag", required=True, metavar="TAG", help="the new image's tag")
+    build.add_argument(
+        "-r", "--requirements", metavar="FILE", help="a pip requirements file to install too"
+    )
+    build.add_argument(
+        "--engine", metavar="CMD", help="docker or podman (default: the first on the PATH)"
+    )
+    build.add_argument(
+        "--network", default="host", help="the build's network (default: host; '' for none)"
+    )
+    build.set_defaults(handler=cmd_image_build)
     return parser
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from batchpool import images
+
+    try:
+        tag = images.build_image(
+            args.base,
+            args.tag,
+            args.requirements,
+            engine=args.engine,
+            network=args.network or None,
+            quiet=False,
+        )
+    except (ValueError, BackendError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(tag)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -235,6 +235,12 @@ class BatchPoolExecutor(cf.Executor):
                 f"backend= takes a Backend instance or a registered name such as 'local', "
                 f"not a {type(backend).__name__}"
             )
+        try:
+            backend.check_store(_protocols(fs)[0], root)
+        except BaseException:
+            if owns_backend:
+                backend.close()
+            raise
         self._backend = backend
         self._payloads = Payloads(
             self._serializer,
@@ -251,7 +257,8 @@ class BatchPoolExecutor(cf.Executor):
         if image is not None and isinstance(backend, LocalBackend):
             warnings.warn(
                 f"image={image!r} is ignored: the local backend runs jobs with this machine's "
-                "Python; use a backend that runs containers to use an image",
+                "Python; to run jobs in containers of an image, use backend='docker' (or a "
+                "cloud batch backend)",
                 stacklevel=2,
             )
         # How many jobs may run at once, and how many the backend is handed at once.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,6 @@ WORKER_DISTRIBUTIONS = (
 IMAGE_PACKAGE_ROOT = "/opt/batchpool"
 #: Seconds one image build may take.
 BUILD_TIMEOUT = 1800.0
-
 
 
 def find_engine(engine: str | None = None) -> str:

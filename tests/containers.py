@@ -44,7 +44,6 @@ class ContainerEngine:
     base_image: str
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"container_engine", "worker_image"} & set(getattr(item, "fixturenames", ())):

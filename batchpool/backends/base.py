@@ -216,6 +216,12 @@ class Backend(abc.ABC):
         status) and the tail of its output, for the error its calls fail with."""
         return ""
 
+    def check_store(self, protocol: str, root: str) -> None:
+        """Raise ValueError when this engine's jobs cannot reach a store of ``protocol``
+        (fsspec's name: ``file``, ``s3``, ``memory``, ...) at ``root``; called when an
+        executor is made, so a store no job reaches is refused before anything runs."""
+        return None
+
     def max_parallel(self) -> int:
         """How many jobs run at once: the pool size of a bounded backend, else a default
         for sizing chunks when the executor gets no ``max_workers``."""
