@@ -39,7 +39,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import threading
 import uuid
@@ -50,6 +49,7 @@ from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
 from batchpool.errors import FATAL_EXIT_CODE, BackendError
+from batchpool.images import find_engine
 
 #: Seconds an engine command other than ``run`` may take before it counts as failed.
 COMMAND_TIMEOUT = 120.0
@@ -137,7 +137,7 @@ class DockerBackend(Backend):
             raise ValueError(f"parallel={parallel!r} must be a positive int")
         if isinstance(run_args, str):
             run_args = shlex.split(run_args)
-        self.engine = self._find(engine)
+        self.engine = find_engine(engine)
         self.image = image
         self.parallel = parallel or os.cpu_count() or 1
         self.network = network
@@ -158,19 +158,6 @@ class DockerBackend(Backend):
         self._images_seen: set[str] = set()
         #: How many engine commands ran, by verb (``run``, ``inspect``, ``kill``, ...).
         self.commands: dict[str, int] = {}
-
-    @staticmethod
-    def _find(engine: str | None) -> str:
-        for candidate in [engine] if engine else ["docker", "podman"]:
-            path = shutil.which(candidate)
-            if path:
-                return path
-        wanted = repr(engine) if engine else "docker or podman"
-        raise BackendError(
-            f"the docker backend needs a container engine, but {wanted} is not on the PATH; "
-            "install one (Debian: apt-get install docker.io, or podman) or name its command: "
-            "DockerBackend(engine='/path/to/docker')"
-        )
 
     def __repr__(self) -> str:
         return f"DockerBackend(engine={self.engine!r}, parallel={self.parallel})"
