@@ -44,10 +44,19 @@ class ContainerEngine:
     base_image: str
 
 
+#: Seconds the first test that needs the engine may take: on a fresh machine its set-up
+#: installs docker.io, runs debootstrap and builds the worker image (about 2 minutes).
+SETUP_TIMEOUT = 900
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = True
     for item in items:
         if {"container_engine", "worker_image"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.docker)
+            if first:  # the session fixtures are set up in this test's set-up
+                item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT))
+                first = False
 
 
 def _read_env(path: Path) -> dict[str, str]:
