@@ -49,6 +49,7 @@ class ContainerEngine:
 SETUP_TIMEOUT = 900
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the first test that will run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     first = True
     for item in items:
