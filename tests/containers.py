@@ -49,15 +49,23 @@ class ContainerEngine:
 SETUP_TIMEOUT = 900
 
 
-@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the first test that will run
+def _needs_engine(item: pytest.Item) -> bool:
+    return bool({"container_engine", "worker_image"} & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    first = True
     for item in items:
-        if {"container_engine", "worker_image"} & set(getattr(item, "fixturenames", ())):
+        if _needs_engine(item):
             item.add_marker(pytest.mark.docker)
-            if first:  # the session fixtures are set up in this test's set-up
-                item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT))
-                first = False
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the first test that will run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        if _needs_engine(item):  # the session fixtures are set up in this test's set-up
+            item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT))
+            return
 
 
 def _read_env(path: Path) -> dict[str, str]:
