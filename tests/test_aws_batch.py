@@ -32,7 +32,7 @@ from services.aws_batch import BatchServer
 from services.s3 import REGION
 
 from batchpool import BatchPoolExecutor, WorkerLostError
-from batchpool.backends.aws_batch import AWSBatchBackend, describe_exit
+from batchpool.backends.aws_batch import AWSBatchBackend, describe_exit, is_throttling
 from batchpool.backends.base import JobSpec, JobState, Resources, make_backend
 
 pytestmark = pytest.mark.aws
@@ -225,3 +225,17 @@ def test_checks_without_aws(tmp_path: Path) -> None:
     assert "exit code 137 (killed: memory limit of 64 MiB;" in describe_exit(137, 64, reason)
     assert describe_exit(143, None, "") == "exit code 143 (killed by SIGTERM)"
     assert AWSBatchBackend("q", region=REGION, parallel=3).max_parallel() == 3
+
+
+def test_throttling_is_told_from_other_errors() -> None:
+    from botocore.exceptions import ClientError
+
+    def error(code: str, status: int) -> ClientError:
+        answer: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(answer, "SubmitJob")
+
+    assert is_throttling(error("TooManyRequestsException", 400))
+    assert is_throttling(error("ThrottlingException", 400))
+    assert is_throttling(error("Whatever", 429))
+    assert not is_throttling(error("ClientException", 400))
+    assert not is_throttling(ValueError("no response"))
