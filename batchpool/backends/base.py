@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import os
 import re
 import signal
 import sys
@@ -37,6 +38,24 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+#: How much of a job's output file an explanation quotes: its last lines, read from its end.
+LOG_TAIL_LINES = 20
+LOG_TAIL_BYTES = 8192
+
+
+def file_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a job's output file (read from at most its last
+    ``LOG_TAIL_BYTES``), or "" when it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - LOG_TAIL_BYTES))
+            data = file.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 class JobState(enum.Enum):

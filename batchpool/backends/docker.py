@@ -47,14 +47,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
+from batchpool.backends.base import (
+    Backend,
+    JobEvent,
+    JobSpec,
+    JobState,
+    Notify,
+    file_tail,
+    signal_name,
+)
 from batchpool.errors import FATAL_EXIT_CODE, BackendError
 from batchpool.images import find_engine
 
 #: Seconds an engine command other than ``run`` may take before it counts as failed.
 COMMAND_TIMEOUT = 120.0
-LOG_TAIL_LINES = 20
-LOG_TAIL_BYTES = 8192
 #: The worker's Python in an image, unless ``Resources.python`` names another.
 IMAGE_PYTHON = "python3"
 #: Exit statuses of ``docker run`` itself (not of the container's command).
@@ -74,18 +80,6 @@ def _default_log_dir() -> str:
     import platformdirs
 
     return os.path.join(platformdirs.user_cache_dir("batchpool"), "docker-logs")
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
-    return "\n".join(lines).strip()
 
 
 @dataclass
@@ -289,7 +283,7 @@ class DockerBackend(Backend):
         if job is not None and job.state.is_final:
             # Its event carried the engine's words; what is left to tell is its output.
             path = self._log_path(job_id)
-            tail = _tail(path)
+            tail = file_tail(path).strip()
             if tail:
                 return f"last lines of the container's output ({path}):\n{tail}"
             return (
@@ -350,7 +344,7 @@ class DockerBackend(Backend):
         if code == 0:
             return JobEvent(job.id, JobState.SUCCEEDED, 0)
         words = self._words(job.id, state, code)
-        tail = _tail(log_path)
+        tail = file_tail(log_path).strip()
         signum = code - 128 if code > 128 else None
         return JobEvent(
             job.id,

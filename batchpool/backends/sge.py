@@ -30,7 +30,15 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, signal_name
+from batchpool.backends.base import (
+    Backend,
+    JobSpec,
+    JobState,
+    Notify,
+    Resources,
+    file_tail,
+    signal_name,
+)
 from batchpool.backends.script import job_script
 from batchpool.errors import BackendError
 
@@ -40,8 +48,6 @@ DEFAULT_MAX_ARRAY_SIZE = 75_000
 COMMAND_TIMEOUT = 120.0
 #: Seconds ``explain`` waits for ``qacct`` to learn of a job that just ended.
 ACCOUNTING_WAIT = 5.0
-LOG_TAIL_LINES = 20
-LOG_TAIL_BYTES = 8192
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _TASK_ID = re.compile(r"([0-9]{1,20})\.([0-9]{1,10})")
@@ -285,7 +291,7 @@ class SGEBackend(Backend):
                 "(yet): no exit status"
             )
         path = self._log_path(job_id)
-        tail = _tail(path)
+        tail = file_tail(path)
         if tail:
             parts.append(f"last lines of its output ({path}):\n{tail}")
         else:
@@ -465,16 +471,3 @@ def _records(text: str) -> list[dict[str, str]]:
     if current:
         records.append(current)
     return records
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - LOG_TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
-    return "\n".join(lines)

@@ -23,14 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources
+from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, file_tail
 from batchpool.backends.script import job_script
 from batchpool.errors import BackendError
 
 #: Seconds any Slurm command may take before it counts as failed.
 COMMAND_TIMEOUT = 120.0
-LOG_TAIL_LINES = 20
-LOG_TAIL_BYTES = 8192
 
 _STATES: dict[str, JobState] = {
     "PENDING": JobState.PENDING,
@@ -113,18 +111,6 @@ def _parse_scontrol_records(text: str) -> list[dict[str, str]]:
         if record:
             records.append(record)
     return records
-
-
-def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            size = file.tell()
-            file.seek(max(0, size - LOG_TAIL_BYTES))
-            data = file.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 class SlurmBackend(Backend):
@@ -485,7 +471,7 @@ class SlurmBackend(Backend):
                 parts.append(f"(sacct could not tell: {exc})")
         if not log_path or "%" in log_path:
             log_path = os.path.join(self.log_dir, f"slurm-{array_id}_{index}.out")
-        tail = _tail(log_path)
+        tail = file_tail(log_path)
         if tail:
             parts.append(f"last lines of {log_path}:\n{tail}")
         else:
