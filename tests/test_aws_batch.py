@@ -239,3 +239,23 @@ def test_throttling_is_told_from_other_errors() -> None:
     assert is_throttling(error("Whatever", 429))
     assert not is_throttling(error("ClientException", 400))
     assert not is_throttling(ValueError("no response"))
+
+
+def test_the_example_runs_unchanged_on_aws_batch(
+    moto: BatchServer, queue: str, worker_image: str
+) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    options = moto.storage_options()
+    argv = [
+        sys.executable, str(root / "examples" / "anywhere.py"), "--backend", "aws-batch",
+        "--backend-option", f"job_queue={queue}", "--backend-option", f"region={REGION}",
+        "--backend-option", f"endpoint_url={moto.endpoint}", "--image", worker_image,
+        "--storage", f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", "--blocks", "4",
+        *(arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")),
+    ]  # fmt: skip
+    example = subprocess.run(argv, capture_output=True, text=True, timeout=200, check=False)
+    assert example.returncode == 0, example.stderr[-3000:]
+    assert "primes below" in example.stdout

@@ -466,3 +466,24 @@ def test_image_jobs_run_in_containers_through_local_backends_docker_run(
         view = ex.options(env={"HAIL_TEST_VALUE": value})
         assert view.submit(read_env, "HAIL_TEST_VALUE").result(timeout=100) == value
         assert ex.submit(root_fs).result(timeout=100) != root_fs()  # it ran in a container
+
+
+def test_the_example_runs_unchanged_on_hailtops_local_backend(hb: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from services.hail import cache_dir
+
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(cache_dir())) if p)
+    example = subprocess.run(
+        [
+            sys.executable, str(root / "examples" / "anywhere.py"), "--backend", "hail",
+            "--backend-option", "backend=local", "--storage", str(tmp_path / "runs"),
+            "--blocks", "4",
+        ],
+        capture_output=True, text=True, timeout=200, check=False,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert example.returncode == 0, example.stderr[-3000:]
+    assert "primes below" in example.stdout
