@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from services import read_exports
 
 from batchpool import images
 
@@ -68,15 +69,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             return
 
 
-def _read_env(path: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line[len("export ") :].partition("=")
-            env[name] = value
-    return env
-
-
 def _unavailable(why: str, output: str = "") -> None:
     if os.environ.get("CI"):
         pytest.fail(f"a container engine is required when CI is set, but {why}:\n{output}")
@@ -98,7 +90,7 @@ def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Conta
     )
     if proc.returncode != 0 or not env_file.exists():
         _unavailable(f"`bash ci/docker.sh` exited with status {proc.returncode}", proc.stderr)
-    env = _read_env(env_file)
+    env = read_exports(env_file)
     saved = os.environ.get("DOCKER_HOST")
     os.environ["DOCKER_HOST"] = env["DOCKER_HOST"]
     try:

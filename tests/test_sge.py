@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from services import read_exports
 
 from batchpool import BatchPoolExecutor
 from batchpool.backends.base import JobSpec, JobState, Resources
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.sge
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "sge.sh"
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    """The ``export NAME=value`` lines the script wrote, expanded against our environment."""
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line[len("export ") :].partition("=")
-            env[name] = os.path.expandvars(value)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +50,7 @@ def sge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             pytest.fail(f"SGE is required when CI is set, but {why}:\n{output}", pytrace=False)
         pytest.skip(f"no SGE here: {why}")
     saved = dict(os.environ)
-    os.environ.update(_read_env(env_file))
+    os.environ.update(read_exports(env_file))
     try:
         yield
     finally:

@@ -47,6 +47,7 @@ __all__ = [
     "free_port",
     "http_request",
     "missing_modules",
+    "read_exports",
 ]
 
 
@@ -71,6 +72,17 @@ _bypass_proxies_for_loopback()
 
 # urllib without any proxy, whatever the environment says.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def read_exports(path: Path) -> dict[str, str]:
+    """The ``export NAME=value`` lines a ``ci/`` script wrote, expanded against our
+    environment (``PATH=/usr/bin:$PATH``)."""
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            name, _, value = line[len("export ") :].partition("=")
+            env[name] = os.path.expandvars(value)
+    return env
 
 
 def missing_modules(*modules: str) -> list[str]:
