@@ -15,16 +15,13 @@ an IAM role, an UNMANAGED compute environment, a job queue and an S3 bucket, the
   on the same server's S3; chunks as the executor sizes them (``--chunksize`` to fix).
 
 It prints both times and their ratio. A script, not a test: it checks results, never
-how long they took. Pass ``--endpoint`` and ``--queue`` to use a server of your own.
+how long they took.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,60 +33,12 @@ import boto3
 from batchpool import BatchPoolExecutor
 from batchpool.backends.aws_batch import AWSBatchBackend
 
-REGION = "us-east-1"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)  # the tests' moto server: the same set-up as tests/test_aws_batch.py
 
-
-def start_moto(log_dir: str) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        **CREDENTIALS,
-        "AWS_DEFAULT_REGION": REGION,
-        "MOTO_PORT": str(port),
-        "MOTO_DOCKER_NETWORK_MODE": "host",
-    }
-    moto = shutil.which("moto_server") or f"{sys.executable} -m moto.server"
-    with open(os.path.join(log_dir, "moto.log"), "wb") as log:
-        process = subprocess.Popen(
-            [*moto.split(), "-H", "127.0.0.1", "-p", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process, endpoint
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise SystemExit(f"moto_server did not start; see {log_dir}/moto.log") from None
-            time.sleep(0.1)
-
-
-def make_queue(endpoint: str) -> str:
-    kw: dict[str, Any] = {"endpoint_url": endpoint, "region_name": REGION}
-    name = f"bench-{uuid.uuid4().hex[:8]}"
-    role = boto3.client("iam", **kw).create_role(RoleName=name, AssumeRolePolicyDocument="{}")
-    batch = boto3.client("batch", **kw)
-    ce = batch.create_compute_environment(
-        computeEnvironmentName=name,
-        type="UNMANAGED",
-        state="ENABLED",
-        serviceRole=role["Role"]["Arn"],
-    )
-    batch.create_job_queue(
-        jobQueueName=name,
-        state="ENABLED",
-        priority=1,
-        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce["computeEnvironmentArn"]}],
-    )
-    return name
+from services.aws_batch import BatchServer  # noqa: E402
+from services.s3 import REGION  # noqa: E402  (importing it sets fake AWS credentials)
 
 
 def boto3_alone(endpoint: str, queue: str, image: str, calls: int) -> float:
@@ -155,26 +104,15 @@ def main() -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--chunksize", type=int, default=None)
-    parser.add_argument("--endpoint", default=None, help="a moto server of your own")
-    parser.add_argument("--queue", default=None, help="its job queue (with --endpoint)")
     args = parser.parse_args()
-    os.environ.update(CREDENTIALS)
-    os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
-    if not args.endpoint and not os.environ.get("DOCKER_HOST"):
+    docker_host = os.environ.get("DOCKER_HOST")
+    if not docker_host:
         raise SystemExit("export DOCKER_HOST (bash ci/docker.sh prints it): moto runs jobs there")
-    process = None
-    log_dir = tempfile.mkdtemp(prefix="bench-aws-")
-    endpoint = args.endpoint
-    if endpoint is None:
-        process, endpoint = start_moto(log_dir)
-    try:
-        queue = args.queue or make_queue(endpoint)
+    with BatchServer(tempfile.mkdtemp(prefix="bench-aws-"), docker_host) as server:
+        endpoint = server.endpoint
+        queue = server.make_queue()
         alone = boto3_alone(endpoint, queue, args.image, args.calls)
         pooled, jobs = through_batchpool(endpoint, queue, args.image, args.calls, args.chunksize)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
     n = args.calls
     print(f"{n} calls of time.sleep(0.1) on moto's AWS Batch ({endpoint}), image {args.image}")
     print(f"boto3 alone, one submit_job per call ({n} jobs): {alone:8.2f} s")
