@@ -74,10 +74,11 @@ def touch_after(gate: str, path: str) -> str:
 
 
 def die_leaving_a_child(pidfile: str) -> None:
-    """Fork a child that outlives this worker (holding its pipes), then die."""
+    """Fork a child that outlives this worker (holding its pipes), then die. The child
+    lives until the test kills it (10 minutes at most, should the test itself die)."""
     pid = os.fork()
     if pid == 0:
-        time.sleep(30)
+        time.sleep(600)
         os._exit(0)
     with open(pidfile, "w") as f:
         f.write(str(pid))

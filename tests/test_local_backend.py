@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from calls import die_leaving_a_child, getpid, triple
 import batchpool
 from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
 from batchpool.backends import Backend, JobSpec, JobState, available_backends, register_backend
-from batchpool.backends.base import Notify
+from batchpool.backends.base import JobEvent, Notify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,13 +135,40 @@ class PollOnly(Backend):
         self.inner.close()
 
 
+class QueriesRecorded(PollOnly):
+    """PollOnly that checks each status query against the jobs the watcher has in flight:
+    handed over, and not yet reported ended by an earlier query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: set[str] = set()
+        self.queries: list[set[str]] = []  # the jobs each query asked about
+        self.missed: list[set[str]] = []  # jobs in flight that a query left out
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        ids = super().submit(jobs, notify)
+        self.in_flight.update(ids)
+        return ids
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        asked = set(job_ids)
+        self.queries.append(asked)
+        if self.in_flight - asked:
+            self.missed.append(self.in_flight - asked)
+        states = super().status(job_ids)
+        self.in_flight -= {job for job, state in states.items() if state.is_final}
+        return states
+
+
 def test_a_backend_without_events_is_polled_with_one_query_for_all_jobs(tmp_path: Path) -> None:
-    backend = PollOnly()
+    backend = QueriesRecorded()
     with BatchPoolExecutor(backend=backend, storage=str(tmp_path)) as ex:
         assert list(ex.map(triple, range(200), chunksize=10)) == [3 * i for i in range(200)]
         assert ex.submit(triple, 5).result() == 15
-    # One status query per poll for every job in flight, never one per job or per future.
-    assert 0 < backend.status_calls < 200 / 10 + 20
+    # One status query per poll for every job in flight, never one per job or per future:
+    # each query asked about all of them (however many polls the jobs took to end).
+    assert backend.queries and backend.missed == []
+    assert max(len(asked) for asked in backend.queries) > 1  # the map's jobs, together
     backend.close()
 
 
@@ -250,18 +278,43 @@ def test_one_input_and_one_outcome_object_per_chunk(tmp_path: Path) -> None:
 def test_a_job_done_before_its_sender_resumes_is_not_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fcntl
+    import struct
+    import termios
+
     import batchpool.backends.local as local
 
-    real_send = local._send
+    real_send, real_on_done = local._send, local.LocalBackend._on_done
+    answers = [0]  # "done" messages the pool's manager thread has read
+
+    def on_done(self, worker, *args, **kwargs):  # type: ignore[no-untyped-def]
+        answers[0] += 1
+        return real_on_done(self, worker, *args, **kwargs)
+
+    def answered(worker, before: int) -> bool:  # type: ignore[no-untyped-def]
+        """The worker wrote its answer: the manager read it, or it waits in the pipe."""
+        if answers[0] > before:
+            return True
+        try:
+            unread = fcntl.ioctl(worker.event_pipe, termios.FIONREAD, b"\0" * 4)
+        except OSError:  # the pipe is closed: the worker is gone
+            return True
+        return struct.unpack("i", unread)[0] > 0
 
     def slow_send(worker, message):  # type: ignore[no-untyped-def]
+        before = answers[0]
         ok = real_send(worker, message)
-        if "job" in message:
-            time.sleep(0.05)  # the worker answers "done" before this thread carries on
+        # The worker answers "done" before this thread carries on: wait for the answer.
+        deadline = time.monotonic() + 30
+        while ok and "job" in message and not answered(worker, before):
+            if time.monotonic() > deadline:
+                break  # carry on: the results below still show whether a job was lost
+            time.sleep(0.001)
         return ok
 
     with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as ex:
         assert ex.submit(triple, 0).result() == 0  # the worker is ready
+        monkeypatch.setattr(local.LocalBackend, "_on_done", on_done)
         monkeypatch.setattr(local, "_send", slow_send)
         assert [ex.submit(triple, i).result(timeout=30) for i in range(5)] == [0, 3, 6, 9, 12]
 
@@ -290,7 +343,8 @@ def test_a_worker_death_is_seen_even_if_its_child_keeps_the_pipe_open(tmp_path: 
         future = ex.submit(die_leaving_a_child, str(pidfile))
         try:
             with pytest.raises(WorkerLostError, match="code 5"):
-                future.result(timeout=20)  # the child lives 30 s: the pipe is no witness
+                # The child lives until it is killed below: the pipe is no witness.
+                future.result(timeout=60)
         finally:
             if pidfile.exists():
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
@@ -302,7 +356,7 @@ def test_max_workers_holds_with_a_larger_backend_passed_in(tmp_path: Path) -> No
     from conftest import Gate
 
     gate = Gate(tmp_path / "gates")
-    backend = LocalBackend(max_workers=3)
+    backend = JobsHeld(max_workers=3)
     try:
         with BatchPoolExecutor(backend=backend, max_workers=1, storage=str(tmp_path)) as ex:
             futures = [
@@ -313,12 +367,36 @@ def test_max_workers_holds_with_a_larger_backend_passed_in(tmp_path: Path) -> No
             while not Path(gate.path("s0")).exists():
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            time.sleep(0.3)  # time for a second call to start, were one allowed to
             assert sum(Path(gate.path(f"s{i}")).exists() for i in range(4)) == 1
             gate.open("go")
             assert [f.result() for f in futures] == [0, 1, 2, 3]
+        # Counted as jobs were handed over, not sampled: never two at once, at any moment.
+        assert backend.peak == 1 and backend.handed >= 2
     finally:
         backend.close()
+
+
+class JobsHeld(LocalBackend):
+    """A LocalBackend that counts the jobs it holds (handed over, not yet ended) at once."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers)
+        self._count_lock = threading.Lock()
+        self.held = self.peak = self.handed = 0
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        def counted(event: JobEvent) -> None:
+            if event.state.is_final:
+                with self._count_lock:
+                    self.held -= 1
+            if notify is not None:
+                notify(event)
+
+        with self._count_lock:  # before the jobs may end
+            self.held += len(jobs)
+            self.handed += len(jobs)
+            self.peak = max(self.peak, self.held)
+        return super().submit(jobs, counted)
 
 
 class StatusFails(PollOnly):
