@@ -223,6 +223,8 @@ class Watcher:
         chunk = self._inflight.get(record.job_ids[-1]) if record.job_ids else None
         if chunk is None or [f for f in chunk.futures if f is not None] != [future]:
             return False
+        if self._outage.active or self._status_query.busy_for() > self._poll_ceiling:
+            return False  # the engine cannot tell now whether the job started
         try:
             if self.backend.status([chunk.job_id]).get(chunk.job_id) is not JobState.PENDING:
                 return False
@@ -233,6 +235,13 @@ class Watcher:
 
     def _cancel_queued_jobs(self) -> None:
         if self.backend.bounded or not self._inflight:
+            return
+        if self._outage.active:
+            log.warning(
+                "batchpool: the engine cannot be asked which jobs are still queued, so none "
+                "is cancelled (%s)",
+                self._outage.describe(),
+            )
             return
         try:
             states = self.backend.status(list(self._inflight))
