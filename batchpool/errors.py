@@ -81,7 +81,19 @@ class EnvironmentMismatchError(BatchPoolError):
 
 
 class BackendError(BatchPoolError):
-    """A backend could not start, submit or query jobs."""
+    """A backend could not start, submit or query jobs.
+
+    ``transient`` is True when the engine could not be reached (its controller is
+    down, a command timed out): the same command may work later, and the executor
+    tries again within ``engine_outage_grace``. False for what the engine refused.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_backend_error, (type(self), str(self), self.transient))
 
 
 class StorageError(BatchPoolError):
@@ -139,3 +151,7 @@ def fatal_error(text: str) -> BatchPoolError:
     type_name, sep, message = text.partition(": ")
     cls = _FATAL_TYPES.get(type_name) if sep else None
     return cls(message) if cls is not None else BatchPoolError(text)
+
+
+def _rebuild_backend_error(cls: type[BackendError], message: str, transient: bool) -> BackendError:
+    return cls(message, transient=transient)

@@ -34,6 +34,7 @@ from batchpool.mapping import (
     results,
     submitted_map,
 )
+from batchpool.outage import DEFAULT_GRACE
 from batchpool.payloads import Call, Payloads
 from batchpool.processes import boot_id, orphan_grace, process_started
 from batchpool.recovery import (
@@ -147,6 +148,11 @@ class BatchPoolExecutor(cf.Executor):
       for a group of calls.
     - ``max_poll_interval``: for backends that do not push job events, the longest
       pause between status queries (default 2 s); polls are fast while jobs end.
+    - ``engine_outage_grace``: how long the engine may be unreachable (its status
+      queries or submissions fail, or hang) before the jobs in flight count as lost
+      (default 600 s). Meanwhile their states are unknown, not lost: the executor keeps
+      asking with backoff, completes from the store what finished, and hands over
+      new jobs once the engine answers.
     - ``resume``: with ``name``, keep the run at ``<storage>/<name>`` and reuse it:
       a call whose function and arguments (pickled, hashed) already returned in
       that run returns the same result without running again; calls that failed
@@ -184,6 +190,7 @@ class BatchPoolExecutor(cf.Executor):
         payload_warning: int = 100 * 10**6,
         ship_code: bool | None = None,
         max_poll_interval: float | None = None,
+        engine_outage_grace: float = DEFAULT_GRACE,
         job_options: dict[str, Any] | None = None,
         resume: bool = False,
         cost_per_core_hour: float | None = None,
@@ -206,6 +213,15 @@ class BatchPoolExecutor(cf.Executor):
         check_positive_int("max_attempts", max_attempts)
         if max_poll_interval is not None and not max_poll_interval > 0:
             raise ValueError(f"max_poll_interval={max_poll_interval!r} must be a number > 0")
+        if (
+            isinstance(engine_outage_grace, bool)
+            or not isinstance(engine_outage_grace, (int, float))
+            or not engine_outage_grace > 0
+        ):
+            raise ValueError(
+                f"engine_outage_grace={engine_outage_grace!r} must be a number of seconds > 0 "
+                "(how long the engine may be unreachable before its jobs count as lost)"
+            )
         check_positive_int("blob_threshold", blob_threshold)
         check_positive_int("payload_warning", payload_warning)
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
@@ -365,6 +381,7 @@ class BatchPoolExecutor(cf.Executor):
             max_attempts=max_attempts,
             cleanup=cleanup_bucket,
             max_poll_interval=max_poll_interval,
+            engine_outage_grace=engine_outage_grace,
             cost_per_core_hour=cost_per_core_hour,
             next_chunk=_reopened.next_chunk if _reopened is not None else 0,
             next_journal=_reopened.next_journal if _reopened is not None else 0,

@@ -49,6 +49,14 @@ from batchpool.errors import (
 )
 from batchpool.future import JOB_STATES, BatchPoolFuture, JobRecord, width
 from batchpool.journal import RunJournal
+from batchpool.outage import (
+    DEFAULT_GRACE,
+    QUERY_HANG,
+    EngineOutage,
+    StatusAnswer,
+    StatusQuery,
+    is_unreachable,
+)
 from batchpool.processes import is_our_worker
 from batchpool.runs import Usage
 from batchpool.serialization import (
@@ -71,8 +79,9 @@ POLL_MIN, POLL_MAX = 0.05, 2.0
 CANCEL_CHECK = 10.0
 #: How often the chunks of an attached run that old workers still run are checked.
 ORPHAN_POLL = 0.5
-#: Status queries that may fail in a row before the jobs in flight count as lost.
-MAX_STATUS_FAILURES = 10
+#: Longest pause between two looks in the store for the outcomes of jobs whose states
+#: are unknown, and the time per job in flight that the pause grows by (seconds).
+STORE_LOOK_MAX, STORE_LOOK_PER_JOB = 2.0, 0.02
 
 
 class Watcher:
@@ -93,6 +102,7 @@ class Watcher:
         max_attempts: int,
         cleanup: bool,
         max_poll_interval: float | None = None,
+        engine_outage_grace: float = DEFAULT_GRACE,
         cost_per_core_hour: float | None = None,
         next_chunk: int = 0,
         next_journal: int = 0,
@@ -130,7 +140,11 @@ class Watcher:
         self._poll_ceiling = POLL_MAX if max_poll_interval is None else max_poll_interval
         self._poll_interval = SAFETY_POLL if backend.notifies else POLL_MIN
         self._next_poll = time.monotonic() + self._poll_interval
-        self._status_failures = 0
+        # The engine's states come from a thread of their own; when it cannot be asked,
+        # the clock of the outage runs and the store tells what finished (outage.py).
+        self._outage = EngineOutage(grace=engine_outage_grace)
+        self._status_query = StatusQuery(backend, self._events.put)
+        self._next_store_look = 0.0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
         self._journal = RunJournal(store, secret, next_journal)
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
@@ -209,6 +223,8 @@ class Watcher:
         chunk = self._inflight.get(record.job_ids[-1]) if record.job_ids else None
         if chunk is None or [f for f in chunk.futures if f is not None] != [future]:
             return False
+        if self._outage.active or self._status_query.busy_for() > self._poll_ceiling:
+            return False  # the engine cannot tell now whether the job started
         try:
             if self.backend.status([chunk.job_id]).get(chunk.job_id) is not JobState.PENDING:
                 return False
@@ -219,6 +235,13 @@ class Watcher:
 
     def _cancel_queued_jobs(self) -> None:
         if self.backend.bounded or not self._inflight:
+            return
+        if self._outage.active:
+            log.warning(
+                "batchpool: the engine cannot be asked which jobs are still queued, so none "
+                "is cancelled (%s)",
+                self._outage.describe(),
+            )
             return
         try:
             states = self.backend.status(list(self._inflight))
@@ -311,6 +334,9 @@ class Watcher:
         timeout: float | None = None
         if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
+        if self._outage.held() and (self._retry or self._pending or self._parked):
+            retry_in = max(0.0, self._outage.retry_at - time.monotonic())  # a held dispatch
+            timeout = retry_in if timeout is None else min(timeout, retry_in)
         flush_in = self._journal.flush_due_in()  # never now: a job's end would wait
         if flush_in == 0.0:
             self._journal.flush()
@@ -323,6 +349,8 @@ class Watcher:
         while True:
             if isinstance(item, JobEvent):
                 self._on_event(item)
+            elif isinstance(item, StatusAnswer):
+                self._on_states(item)
             elif item is _CANCEL_QUEUED:
                 self._cancel_queued_jobs()
             elif isinstance(item, _Request):
@@ -336,6 +364,9 @@ class Watcher:
 
     def _dispatch(self) -> None:
         if self._cancel_requested:
+            return
+        if self._outage.held():  # the engine cannot be reached: try again at retry_at
+            self._park_backlog()
             return
         ready: list[Chunk] = []
         while self._retry and len(self._inflight) + len(ready) < self._limit:
@@ -495,14 +526,24 @@ class Watcher:
         except Exception as exc:
             for chunk in chunks:
                 self._release(chunk)
+            if is_unreachable(exc) and not self._outage.expired():
+                # The engine cannot be reached now: the same jobs are handed over again
+                # once it answers, within engine_outage_grace.
+                self._outage.failed(f"{self.backend!r}.submit", exc)
+                self._retry.extendleft(reversed(chunks))
+                return
+            outage = f" ({self._outage.describe()})" if self._outage.active else ""
+            for chunk in chunks:
                 self._completion.fail(
                     chunk,
                     BatchPoolError(
                         f"{self.backend!r} could not start the job for {chunk.describe()} "
-                        f"(chunk {chunk.id}): {type(exc).__name__}: {exc}"
+                        f"(chunk {chunk.id}): {type(exc).__name__}: {exc}{outage}"
                     ),
                 )
             return
+        if self._outage.active and not self._inflight:
+            self._outage.answered()  # nothing else asks the engine now: it answered
         for chunk, job_id in zip(chunks, job_ids, strict=True):
             chunk.job_id = job_id
             if chunk.record is not None:
@@ -530,50 +571,126 @@ class Watcher:
         )
 
     def _poll(self) -> None:
-        """Ask the backend, in one query, for the state of every job in flight."""
+        """Ask the backend, in one query, for the state of every job in flight (the
+        answer comes back as a ``StatusAnswer`` event); while the engine cannot be
+        asked, or its answer is slow, look in the store for the jobs that finished."""
         if not self._cancel_requested and time.monotonic() >= self._next_cancel_check:
             # `batchpool cancel` from a machine that cannot reach the engine leaves
             # only cancel.json: one existence check every CANCEL_CHECK seconds.
             self._next_cancel_check = time.monotonic() + CANCEL_CHECK
             if self._cancel_marked():
                 self._on_cancel_request()
-        reason = ""
-        try:
-            states = self.backend.status(list(self._inflight))
-            self._status_failures = 0
-        except Exception as exc:
-            self._status_failures += 1
-            log.warning("batchpool: %r could not report job states: %s", self.backend, exc)
-            states = {}
-            if self._status_failures >= MAX_STATUS_FAILURES:
-                # A backend that cannot tell must not leave futures waiting forever:
-                # give up on these jobs (a retry gets its own count) and stop them.
-                reason = f"{self._status_failures} status queries in a row failed: {exc!r}"
-                states = dict.fromkeys(self._inflight, JobState.LOST)
-                self._status_failures = 0
-                try:
-                    self.backend.cancel(list(self._inflight))
-                except Exception as cancel_exc:
-                    log.warning("batchpool: cancelling jobs given up on failed: %s", cancel_exc)
         ended = self._check_orphans()
-        for job_id, state in states.items():
+        query = self._status_query
+        if self._inflight and not query.busy and not self._outage.held():
+            query.ask(list(self._inflight))
+        elif query.busy and not query.counted_hung and query.busy_for() >= QUERY_HANG:
+            query.counted_hung = True  # a hung command counts as "cannot ask"
+            hung = f"it has not answered for {query.busy_for():.0f} s"
+            self._outage.failed(f"{self.backend!r}.status", hung, since=query.asked_at)
+        if self._outage.active or query.busy_for() > self._poll_ceiling:
+            ended += self._look_in_store()
+        if self._outage.expired() and self._inflight:
+            self._give_up_unreachable()
+        self._schedule_poll(ended, back_off=False)  # the answer backs off, if it must
+
+    def _schedule_poll(self, ended: int, *, back_off: bool = True) -> None:
+        if not self.backend.notifies:
+            if ended:
+                self._poll_interval = POLL_MIN
+            elif back_off:
+                self._poll_interval = min(self._poll_ceiling, self._poll_interval * 2)
+        interval = min(self._poll_interval, ORPHAN_POLL) if self._orphans else self._poll_interval
+        if self._outage.active:  # the store look, and the next try, are what is due
+            interval = min(max(interval, self._outage.retry_at - time.monotonic()), STORE_LOOK_MAX)
+        self._next_poll = time.monotonic() + max(interval, 0.0)
+
+    def _on_states(self, answer: StatusAnswer) -> None:
+        """The answer of a status query: jobs that ended are collected."""
+        self._status_query.answered(answer)
+        if answer.error is not None:
+            self._outage.failed(f"{self.backend!r}.status", answer.error)
+            self._schedule_poll(0)
+            return
+        self._outage.answered()
+        ended = 0
+        for job_id, state in answer.states.items():
             chunk = self._inflight.get(job_id)
-            if chunk is not None and state is JobState.RUNNING and chunk.state == "Ready":
+            if chunk is None:  # ended meanwhile (an event, the store)
+                continue
+            if state is JobState.RUNNING and chunk.state == "Ready":
                 chunk.set_state("Running")
-            if state.is_final and job_id in self._inflight:
+            if state.is_final:
                 ended += 1
-                if reason:
-                    why = reason
-                elif state is JobState.SUCCEEDED:  # e.g. SGE: gone from qstat
+                if state is JobState.SUCCEEDED:  # e.g. SGE: gone from qstat
                     why = "the backend reports that it ended"
                 else:
                     why = f"the backend reports it {state.name}"
                 self._on_event(JobEvent(job_id, state, reason=why))
-        if not self.backend.notifies:
-            backoff = min(self._poll_ceiling, self._poll_interval * 2)
-            self._poll_interval = POLL_MIN if ended else backoff
-        interval = min(self._poll_interval, ORPHAN_POLL) if self._orphans else self._poll_interval
-        self._next_poll = time.monotonic() + interval
+        self._schedule_poll(ended)
+
+    def _look_in_store(self) -> int:
+        """Collect the jobs in flight whose outcome, or whose worker's end marker, is in
+        the store (the engine cannot tell now); how many ended. Two existence checks
+        per job, at most every ``STORE_LOOK_MAX`` seconds plus a little per job."""
+        now = time.monotonic()
+        if now < self._next_store_look:
+            return 0
+        self._next_store_look = now + min(
+            STORE_LOOK_MAX, self._poll_ceiling + STORE_LOOK_PER_JOB * len(self._inflight)
+        )
+        ended = 0
+        for job_id, chunk in list(self._inflight.items()):
+            try:
+                if self.store.exists(self.store.result_key(chunk.id, chunk.attempt)):
+                    event = JobEvent(job_id, JobState.SUCCEEDED, reason="its outcome is stored")
+                elif self.store.exists(self.store.end_key(chunk.id, chunk.attempt)):
+                    why = "its worker ended (its end marker is stored) without writing an outcome"
+                    event = JobEvent(job_id, JobState.LOST, reason=why)
+                else:
+                    continue
+            except Exception as exc:  # the store fails too: the engine may yet answer
+                log.warning("batchpool: could not look for the outcomes of jobs: %s", exc)
+                return ended
+            ended += 1
+            self._on_event(event)
+        return ended
+
+    def _give_up_unreachable(self) -> None:
+        """The engine stayed unreachable for its grace: the jobs in flight without an
+        outcome are lost. Each is cancelled through the engine before it runs again, so
+        that two attempts never run at once by our doing; one that cannot be cancelled
+        may still run, so it fails instead of running again."""
+        self._next_store_look = 0.0
+        self._look_in_store()
+        if not self._inflight:
+            return
+        job_ids = list(self._inflight)
+        why = self._outage.describe()
+        try:
+            self.backend.cancel(job_ids)
+            cancelled = ""
+        except Exception as exc:
+            cancelled = f"{type(exc).__name__}: {exc}"
+        else:  # the engine answers commands again: a new attempt gets a new grace
+            self._outage.answered()
+        for job_id in job_ids:
+            chunk = self._inflight.pop(job_id)
+            if self._completion.collect(chunk):  # its outcome came meanwhile
+                continue
+            if not cancelled:
+                reason = f"{why}; it was cancelled through the engine before a new attempt"
+                self._lost(chunk, JobEvent(job_id, JobState.LOST, reason=reason))
+                continue
+            reason = (
+                f"{why}; it could not be cancelled ({cancelled}), so it may still run: it is "
+                "not run again, so that two attempts never run at once"
+            )
+            chunk.reasons.append(f"attempt {chunk.attempt} (job {job_id}): {reason}")
+            text = "\n".join(
+                [f"{chunk.describe()} got no result:", *("  " + r for r in chunk.reasons)]
+            )
+            self._completion.fail(chunk, WorkerLostError(text), reason=reason)
 
     # -- a job ended ----------------------------------------------------------------------
 
@@ -635,7 +752,9 @@ class Watcher:
             )
             return
         reason = event.reason or f"it ended as {event.state.name}"
-        if not event.log_tail:  # ask the engine why (its state, reason, exit status, output)
+        # Ask the engine why (its state, reason, exit status, output), unless it cannot
+        # be asked now.
+        if not event.log_tail and not self._outage.active:
             try:
                 detail = self.backend.explain(event.job_id)
             except Exception as exc:
@@ -841,6 +960,7 @@ class Watcher:
         self._retry.clear()
 
     def _close(self) -> None:
+        self._status_query.close()
         self._journal.flush()
         if not self._cleanup:
             self._journal.close(self._completion.usage.as_dict())

@@ -4,6 +4,16 @@
 #   bash ci/slurm.sh          install if needed, start munged/mariadbd/slurmdbd/slurmctld/slurmd,
 #                             wait for the node
 #   bash ci/slurm.sh stop     stop the daemons started here (by PID file)
+#   bash ci/slurm.sh stop-controller    stop only slurmctld (by PID file): slurmd, munged,
+#                             slurmdbd and the running jobs stay; clients then fail with
+#                             "Unable to contact slurm controller"
+#   bash ci/slurm.sh start-controller   start slurmctld again (after stop-controller) and
+#                             wait until squeue answers; it reloads its saved state
+#                             (StateSaveLocation), so it knows the jobs it had
+#
+# Both controller commands are idempotent: stopping a stopped controller, or starting a
+# running one, does nothing and succeeds. They are the engine fault of
+# tests/test_cluster_outages.py (a scheduler restart, with jobs running meanwhile).
 #
 # Everything lives under $BATCHPOOL_SLURM_ROOT (default /var/lib/batchpool-slurm). The last
 # line printed is `export SLURM_CONF=<root>/slurm.conf`; the path is also in <root>/slurm_conf_path.
@@ -42,6 +52,61 @@ if [ "${1:-}" = "stop" ]; then
     stop_one "$ROOT/munge/munged.pid"
     say "stopped"
     exit 0
+fi
+
+running() {  # running PIDFILE: like alive, but a zombie (PID 1 here may not reap it) is gone
+    local state
+    [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [ "${state:0:1}" != Z ]
+}
+
+stop_controller() {  # SIGTERM (slurmctld saves its state), then SIGKILL after 10 s
+    local pidfile="$ROOT/run/slurmctld.pid" pid
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do running "$pidfile" || break; sleep 0.1; done
+    if running "$pidfile"; then
+        say "slurmctld (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
+        kill -9 "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do running "$pidfile" || break; sleep 0.1; done
+    fi
+    rm -f "$pidfile"
+}
+
+if [ "${1:-}" = "stop-controller" ]; then
+    if running "$ROOT/run/slurmctld.pid"; then
+        stop_controller
+        say "slurmctld stopped (slurmd and the jobs it runs are left alone)"
+    else
+        rm -f "$ROOT/run/slurmctld.pid"
+        say "slurmctld was not running"
+    fi
+    exit 0
+fi
+
+if [ "${1:-}" = "start-controller" ]; then
+    if [ ! -s "$CONF" ]; then
+        say "no $CONF: run \`bash ci/slurm.sh\` first (start-controller only restarts slurmctld)"
+        exit 1
+    fi
+    if running "$ROOT/run/slurmctld.pid"; then
+        say "slurmctld already running (pid $(cat "$ROOT/run/slurmctld.pid"))"
+    else
+        rm -f "$ROOT/run/slurmctld.pid"
+        slurmctld -f "$CONF"
+    fi
+    # A squeue sent before slurmctld listens takes ~9 s to fail: count time, not tries.
+    deadline=$((SECONDS + 60))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if squeue --noheader >/dev/null 2>&1; then
+            say "slurmctld answers (SLURM_CONF=$CONF)"
+            echo "export SLURM_CONF=$CONF"
+            exit 0
+        fi
+        sleep 0.1
+    done
+    say "slurmctld did not answer squeue within 60 s; its log says:"
+    tail -n 20 "$ROOT/log/slurmctld.log" >&2 || true
+    exit 1
 fi
 
 if [ "$(id -u)" != 0 ]; then

@@ -399,35 +399,6 @@ class JobsHeld(LocalBackend):
         return super().submit(jobs, counted)
 
 
-class StatusFails(PollOnly):
-    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        raise ConnectionError("scheduler unreachable")
-
-
-def test_a_backend_that_cannot_report_states_never_leaves_a_future_waiting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from calls import wait_for
-
-    import batchpool.watcher as watcher
-
-    monkeypatch.setattr(watcher, "POLL_MAX", 0.05)  # keep the test short
-    # About a second of failed queries: long enough for a worker to start and run a tiny
-    # call on a loaded machine (3 were not, in a CI-like run), short enough for the test.
-    monkeypatch.setattr(watcher, "MAX_STATUS_FAILURES", 20)
-    backend = StatusFails()
-    try:
-        with BatchPoolExecutor(backend=backend, storage=str(tmp_path), max_attempts=2) as ex:
-            # A finished job's outcome is in the store: it is still delivered.
-            assert ex.submit(triple, 1).result(timeout=30) == 3
-            # A job that never ends fails its call once the states stay unknown.
-            stuck = ex.submit(wait_for, str(tmp_path / "never"))
-            with pytest.raises(WorkerLostError, match="20 status queries in a row failed"):
-                stuck.result(timeout=30)
-    finally:
-        backend.close()
-
-
 def test_the_poll_ceiling_is_settable(tmp_path: Path) -> None:
     backend = PollOnly()
     try:

@@ -477,13 +477,18 @@ class DockerBackend(Backend):
                 argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendError(f"`{shlex.join(argv[:3])} ...` could not run: {exc}") from exc
+            raise BackendError(
+                f"`{shlex.join(argv[:3])} ...` could not run: {exc}",
+                transient=isinstance(exc, subprocess.TimeoutExpired),
+            ) from exc
         accepted = ok(proc.returncode, proc.stderr) if ok else proc.returncode == 0
         if not accepted:
             detail = proc.stderr.strip() or proc.stdout.strip()
             raise BackendError(
                 f"`{shlex.join(argv[:4])}` failed with exit status {proc.returncode}: "
-                f"{detail[:2000]}" + (f"; {hint}" if hint else "")
+                f"{detail[:2000]}" + (f"; {hint}" if hint else ""),
+                # The daemon restarts: its CLI cannot reach the socket for a while.
+                transient="Cannot connect to the Docker daemon" in detail,
             )
         return proc.stdout
 

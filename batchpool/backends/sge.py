@@ -46,6 +46,19 @@ from batchpool.errors import BackendError
 DEFAULT_MAX_ARRAY_SIZE = 75_000
 #: Seconds a command may take before it counts as failed.
 COMMAND_TIMEOUT = 120.0
+
+#: What SGE's commands print when sge_qmaster cannot be reached (a restart, a
+#: fail-over to the shadow master): transient, the executor asks again within its
+#: engine_outage_grace.
+UNREACHABLE = (
+    "unable to contact qmaster",
+    "unable to send message to qmaster",
+    "commlib error",
+    "can't connect to service",
+    "failed receiving gdi request",
+    "Connection refused",
+    "Connection timed out",
+)
 #: Seconds ``explain`` waits for ``qacct`` to learn of a job that just ended.
 ACCOUNTING_WAIT = 5.0
 
@@ -429,13 +442,15 @@ class SGEBackend(Backend):
             raise BackendError(f"`{command}` could not start: {exc}; {hint}") from exc
         except subprocess.TimeoutExpired as exc:
             raise BackendError(
-                f"`{command}` did not answer in {COMMAND_TIMEOUT:g} s; {hint}"
+                f"`{command}` did not answer in {COMMAND_TIMEOUT:g} s; {hint}", transient=True
             ) from exc
         good = proc.returncode == 0 if ok is None else ok(proc.returncode, proc.stderr)
         if not good:
+            said = (proc.stderr or proc.stdout).strip()
             raise BackendError(
                 f"`{command}` failed with exit status {proc.returncode}: "
-                f"{(proc.stderr or proc.stdout).strip() or '(no output)'}; {hint}"
+                f"{said or '(no output)'}; {hint}",
+                transient=any(words in said for words in UNREACHABLE),
             )
         return proc.stdout
 

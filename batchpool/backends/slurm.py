@@ -30,6 +30,23 @@ from batchpool.errors import BackendError
 #: Seconds any Slurm command may take before it counts as failed.
 COMMAND_TIMEOUT = 120.0
 
+#: What Slurm's commands print when slurmctld (or slurmdbd, for sacct) cannot be
+#: reached: a restart, a fail-over, an overload. Such a failure is transient: the
+#: executor asks again, and keeps the jobs, within its engine_outage_grace.
+UNREACHABLE = (
+    "Unable to contact slurm controller",
+    "Socket timed out on send/recv operation",
+    "Zero Bytes were transmitted or received",
+    "Communication connection failure",
+    "Connection refused",
+    "Connection timed out",
+    "Transport endpoint is not connected",
+    "backup controller in standby mode",
+    "temporarily unable to accept job",
+    "Problem talking to the database",
+    "slurmdbd: Connection refused",
+)
+
 _STATES: dict[str, JobState] = {
     "PENDING": JobState.PENDING,
     "CONFIGURING": JobState.PENDING,
@@ -251,13 +268,15 @@ class SlurmBackend(Backend):
         except subprocess.TimeoutExpired as exc:
             raise BackendError(
                 f"`{command}` did not answer within {COMMAND_TIMEOUT:.0f} s: is slurmctld "
-                f"running and reachable? ({_hint()})"
+                f"running and reachable? ({_hint()})",
+                transient=True,
             ) from exc
         if proc.returncode != 0 and not any(e in proc.stderr for e in ok_errors):
             stderr = proc.stderr.strip() or "(nothing on stderr)"
             raise BackendError(
                 f"`{command}` exited with status {proc.returncode}: {stderr}\n"
-                f"Check that this machine can talk to the Slurm controller: {_hint()}"
+                f"Check that this machine can talk to the Slurm controller: {_hint()}",
+                transient=any(words in proc.stderr for words in UNREACHABLE),
             )
         return proc.stdout
 
