@@ -23,8 +23,11 @@ from batchpool.runs import open_run, read_run
 TESTS = Path(__file__).resolve().parent
 
 
-def mark_and_square(marks: str, i: int, seconds: float = 0.0) -> int:
-    """Leave one file per run of the call (so a test counts runs), then return i*i."""
+def mark_and_square(marks: str, i: int, seconds: float = 0.0, gate: str | None = None) -> int:
+    """Leave one file per run of the call (so a test counts runs), then return i*i; with a
+    ``gate``, only once that file exists."""
+    if gate is not None:
+        wait_gate(gate)
     Path(marks, f"{i}.{os.getpid()}.{uuid.uuid4().hex}").touch()
     print(f"squaring {i}", flush=True)
     time.sleep(seconds)
@@ -66,14 +69,16 @@ def test_status_counts_calls_by_state(tmp_path: Path) -> None:
         try:
             blocked = bpe.submit(wait_gate, str(gate))
             queued = [bpe.submit(int, "7") for _ in range(3)]
-            deadline = time.monotonic() + 30
-            while bpe.status().get("Running", 0) < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
             # One worker runs the blocked call's job (with any call that shares its
             # chunk); the job behind it waits in the pool's queue (Ready); the rest of
-            # the backlog is parked in storage (Pending).
+            # the backlog is parked in storage (Pending). Nothing moves until the gate
+            # opens, once both jobs are handed over: wait for that state, however long.
+            deadline = time.monotonic() + 60
             counts = bpe.status()
+            while counts.get("Running", 0) < 1 or counts.get("Ready", 0) < 1:
+                assert time.monotonic() < deadline, counts
+                time.sleep(0.05)
+                counts = bpe.status()
             assert sum(counts.values()) == 4 and set(counts) <= {"Running", "Ready", "Pending"}
             assert counts["Running"] >= 1 and counts["Ready"] >= 1, counts
             queued[-1].cancel()
@@ -196,11 +201,15 @@ CLIENT = textwrap.dedent(
     from batchpool import BatchPoolExecutor
     from test_operate import mark_and_square
 
-    storage, marks = sys.argv[1], sys.argv[2]
+    storage, marks, gate = sys.argv[1], sys.argv[2], sys.argv[3]
     bpe = BatchPoolExecutor(
         name="crash-test", storage=storage, cleanup_bucket=False, max_workers=2
     )
-    futures = [bpe.submit(mark_and_square, marks, i, 0.02) for i in range(200)]
+    # The second half waits for the gate, opened once this client is dead.
+    futures = [
+        bpe.submit(mark_and_square, marks, i, 0.02, gate if i >= 100 else None)
+        for i in range(200)
+    ]
     print("submitted", flush=True)
     time.sleep(600)
     """
@@ -244,12 +253,14 @@ def kill_client_when(
 
 @pytest.mark.timeout(180)
 def test_a_killed_client_loses_nothing_and_runs_nothing_twice(tmp_path: Path) -> None:
-    storage, marks = tmp_path / "runs", tmp_path / "marks"
+    storage, marks, gate = tmp_path / "runs", tmp_path / "marks", tmp_path / "gate"
     marks.mkdir()
-    # Killed once some calls ran and most did not yet.
-    kill_client_when(tmp_path, CLIENT, [str(storage), str(marks)], marks, started=20)
+    # Killed once some calls ran and most did not yet (half of them wait for the gate).
+    args = [str(storage), str(marks), str(gate)]
+    kill_client_when(tmp_path, CLIENT, args, marks, started=20)
     started_before = len(list(marks.iterdir()))
-    assert started_before < 200
+    assert 20 <= started_before <= 100
+    gate.touch()
 
     attacher = tmp_path / "attach.py"
     attacher.write_text(ATTACHER.format(tests=str(TESTS)))
@@ -340,7 +351,13 @@ def test_cancelled_parked_calls_are_skipped_by_the_worker(tmp_path: Path) -> Non
         try:
             blocker = bpe.submit(wait_gate, str(gate))
             backlog = [bpe.submit(mark_and_square, str(marks), i) for i in range(20)]
-            time.sleep(0.3)  # the watcher writes the backlog into chunks: some parked
+            # Until the gate opens, nothing moves once both in-flight slots are taken
+            # (the blocker Running, the job behind it Ready) and the watcher has written
+            # the rest of the backlog into chunks (none is queued in memory any more).
+            deadline = time.monotonic() + 60
+            while bpe._watcher._pending or bpe.status().get("Ready", 0) < 1:
+                assert time.monotonic() < deadline, bpe.status()
+                time.sleep(0.02)
             parked = [i for i, f in enumerate(backlog) if not f.running()]
             assert len(parked) >= 5
             assert bpe.status()["Pending"] == len(parked)
@@ -400,16 +417,23 @@ def test_attach_on_slurm_watches_the_jobs_the_dead_client_left(tmp_path: Path) -
 PROGRESS_SCRIPT = textwrap.dedent(
     """
     import sys, time
+    import batchpool.progress
     from batchpool import BatchPoolExecutor
 
     def nap(x):
         time.sleep(0.1)
         return x
 
+    default_delay = batchpool.progress.DEFAULT_DELAY
     with BatchPoolExecutor(max_workers=2, storage=sys.argv[1]) as bpe:
+        # Short: done before the bar's delay. An hour, so that on a loaded machine too
+        # (starting two workers may take longer than the default's two seconds).
+        batchpool.progress.DEFAULT_DELAY = 3600.0
         assert list(bpe.map(nap, range(3))) == [0, 1, 2]       # short: no bar
         print("SHORT DONE", file=sys.stderr, flush=True)
-        assert list(bpe.map(nap, range(60), chunksize=1)) == list(range(60))  # ~3 s: a bar
+        # Long: 60 naps of 0.1 s on two workers last 3 s at least, past the default delay.
+        batchpool.progress.DEFAULT_DELAY = default_delay
+        assert list(bpe.map(nap, range(60), chunksize=1)) == list(range(60))  # a bar
     """
 )
 
