@@ -3,6 +3,14 @@
 #
 #   bash ci/sge.sh          install if needed, configure, start the daemons, wait until jobs run
 #   bash ci/sge.sh stop     stop the daemons (by their PID files)
+#   bash ci/sge.sh stop-controller    stop only sge_qmaster (by its PID file): sge_execd
+#                           and the jobs it runs stay; clients then fail at once with
+#                           "unable to send message to qmaster using port 6444"
+#   bash ci/sge.sh start-controller   start sge_qmaster again and wait until qstat answers;
+#                           it reloads its spool, so it knows the jobs it had
+#
+# Both controller commands are idempotent (a stopped qmaster stays stopped, a running one
+# is left as it is). They are the engine fault of tests/test_cluster_outages.py.
 #
 # Runs as root, without systemd, and is idempotent: a second run finds the packages
 # installed and the daemons answering, re-applies the (same) settings and checks again.
@@ -55,6 +63,58 @@ stop_daemon() { # stop_daemon PIDFILE NAME
 if [ "${1:-start}" = stop ]; then
     stop_daemon "$EXECD_PID" sge_execd
     stop_daemon "$MASTER_PID" sge_qmaster
+    exit 0
+fi
+live() { # live PIDFILE: like running, but a zombie (PID 1 here may not reap it) is gone
+    local state
+    [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [ "${state:0:1}" != Z ]
+}
+
+stop_qmaster() { # SIGTERM, then SIGKILL after 30 s (a controlled shutdown takes ~9 s here)
+    local pid
+    pid=$(cat "$MASTER_PID")
+    log "stopping sge_qmaster (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 300); do
+        live "$MASTER_PID" || break
+        sleep 0.1
+    done
+    if live "$MASTER_PID"; then
+        log "sge_qmaster (pid $pid) ignored SIGTERM for 30 s: SIGKILL"
+        kill -9 "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            live "$MASTER_PID" || break
+            sleep 0.1
+        done
+    fi
+    rm -f "$MASTER_PID"
+}
+
+if [ "${1:-}" = stop-controller ]; then
+    if live "$MASTER_PID"; then
+        stop_qmaster
+    else
+        rm -f "$MASTER_PID"
+        log "sge_qmaster was not running"
+    fi
+    exit 0
+fi
+if [ "${1:-}" = start-controller ]; then
+    [ -f "$SGE_ROOT/$SGE_CELL/common/bootstrap" ] || die "SGE is not set up: run \`bash ci/sge.sh\` first"
+    if live "$MASTER_PID"; then
+        log "sge_qmaster already running (pid $(cat "$MASTER_PID"))"
+    else
+        rm -f "$MASTER_PID"
+        log "starting sge_qmaster"
+        /usr/sbin/sge_qmaster || die "sge_qmaster did not start"
+    fi
+    # Bounded by time: qstat fails at once (connection refused) until qmaster listens.
+    deadline=$((SECONDS + 60))
+    until qstat >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "sge_qmaster did not answer qstat within 60 s"
+        sleep 0.2
+    done
+    log "sge_qmaster answers"
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
