@@ -39,6 +39,12 @@ def wait_for(path: str, value: Any = None, started: str | None = None) -> Any:
     return value
 
 
+def pid_once(path: str, started: str) -> int:
+    """Touch ``started``, then return this worker process's pid once ``path`` exists."""
+    wait_for(path, started=started)
+    return os.getpid()
+
+
 def touch(path: str) -> str:
     open(path, "w").close()
     return path
