@@ -297,3 +297,27 @@ def test_the_outage_clock() -> None:
 def test_engine_outage_grace_is_checked(tmp_path: Path, bad: object) -> None:
     with pytest.raises(ValueError, match="engine_outage_grace"):
         BatchPoolExecutor(storage=str(tmp_path), engine_outage_grace=bad)  # type: ignore[arg-type]
+
+
+def test_an_aws_batch_endpoint_that_does_not_answer_is_an_unreachable_engine() -> None:
+    """botocore, for real, against a port nothing listens on."""
+    import socket
+    import uuid
+
+    pytest.importorskip("boto3")
+    from botocore.config import Config
+
+    from batchpool.backends.aws_batch import AWSBatchBackend
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    quick = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2)
+    backend = AWSBatchBackend(
+        "queue", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", client_config=quick
+    )
+    with pytest.raises(BackendError) as info:
+        backend.status([str(uuid.uuid4())])
+    assert info.value.transient, info.value
+    assert "Could not connect" in str(info.value)
+    backend.close()

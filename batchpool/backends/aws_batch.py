@@ -296,12 +296,23 @@ class AWSBatchBackend(Backend):
         except Exception as exc:
             if isinstance(exc, BackendError):
                 raise
-            from botocore.exceptions import BotoCoreError, ClientError
+            from botocore.exceptions import (
+                BotoCoreError,
+                ClientError,
+                ConnectionError,
+                HTTPClientError,
+            )
 
             if isinstance(exc, (ClientError, BotoCoreError)):
+                # No answer (endpoint unreachable, timed out), or a 5xx: it may pass.
+                status = getattr(exc, "response", {}).get("ResponseMetadata", {})
+                unreachable = isinstance(exc, (ConnectionError, HTTPClientError)) or (
+                    int(status.get("HTTPStatusCode") or 0) >= 500
+                )
                 raise BackendError(
                     f"AWS Batch {operation} failed: {exc} (queue {self.job_queue!r}, region "
-                    f"{self.region!r}, endpoint {self.endpoint_url or 'AWS'})"
+                    f"{self.region!r}, endpoint {self.endpoint_url or 'AWS'})",
+                    transient=unreachable,
                 ) from exc
             raise
 

@@ -74,6 +74,10 @@ from typing import Any, TypeVar
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
 from batchpool.errors import FATAL_EXIT_CODE, BackendError
 
+#: Seconds one request to the Hail Batch service (with hailtop's own retries) may
+#: take before it counts as the service being unreachable.
+COMMAND_TIMEOUT = 300.0
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -238,7 +242,14 @@ class HailBatchBackend(Backend):
         """``fn(*args, **kwargs)`` in this backend's hailtop thread."""
         if threading.current_thread().name.startswith("batchpool-hailtop"):
             return fn(*args, **kwargs)
-        return self._hail_thread.submit(fn, *args, **kwargs).result()
+        try:
+            return self._hail_thread.submit(fn, *args, **kwargs).result(COMMAND_TIMEOUT)
+        except TimeoutError as exc:  # hailtop keeps retrying what it deems transient
+            raise BackendError(
+                f"the Hail Batch service did not answer {getattr(fn, '__name__', fn)} within "
+                f"{COMMAND_TIMEOUT:g} s (hailtop retries transient errors); is it reachable?",
+                transient=True,
+            ) from exc
 
     @property
     def hail_backend(self) -> Any:
