@@ -22,6 +22,23 @@ calls. So:
   counts one lost attempt. (A cluster this backend starts itself sets
   ``allowed-failures`` to 0, so the scheduler reports the death directly.)
 
+A lost scheduler (restarted, or the client's connection to it cut): the client
+cancels every future it holds (reason ``scheduler-connection-lost``) and
+reconnects, within its ``timeout``, to whatever scheduler answers at the same
+address; Dask workers finish the tasks they run (up to the 30 s a closing worker
+waits for its threads; a ``dask worker`` whose scheduler went away then exits,
+and whatever supervises the workers must start them again). The backend does not
+take such a cancellation for an end of the job: it hands the same job (the same
+attempt) to the scheduler again, under a new key, up to ``MAX_RESUBMITS`` times.
+That task finds the job's outcome in the store if the first run wrote it, waits
+for the first run if its process still runs on the same machine, and runs the
+calls only when the first run never began. A task still waiting in a worker for
+the job before it when that worker starts closing, or when the scheduler releases
+it (its client went away), does not start its job. A first run that died (or runs
+on another machine, which a task cannot check) counts as one lost attempt, as
+above. So no call runs twice because the client lost sight of it, and a client
+that cannot reconnect (it closes itself) ends its jobs as lost.
+
 Within one Dask worker process the jobs run one at a time: a job sets its
 environment variables and captures file descriptors 1 and 2, which belong to
 the whole process. ``max_parallel`` is therefore the number of worker processes.
@@ -36,7 +53,10 @@ are closed by ``close``. ``Resources.python``, ``image``, ``setup`` and
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Mapping, Sequence
@@ -45,11 +65,17 @@ from typing import Any
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
 from batchpool.documents import DocumentError, StartMarker
 from batchpool.errors import BackendError, is_fatal
+from batchpool.processes import boot_id, same_process
+from batchpool.store import Store
 
 #: How many ended jobs the backend remembers the state of for ``status``.
 FINISHED_MEMORY = 100_000
 #: Failed and lost jobs whose explanation is kept for ``explain``.
 EXPLAIN_MEMORY = 10_000
+#: How many times one job is handed to the scheduler again after the client lost it.
+MAX_RESUBMITS = 5
+#: Seconds between looks at an earlier run of the same attempt that still runs.
+EARLIER_RUN_POLL = 1.0
 
 # One job at a time per worker process: environment and fds 1/2 are process-wide.
 _job_lock = threading.Lock()
@@ -72,13 +98,34 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
     chunk, attempt = parsed.chunk, parsed.attempt
     mark = store.start_key(chunk, attempt)  # the worker writes it as it starts
     with _job_lock:
+        abandoned = _abandoned()
+        if abandoned is not None:  # e.g. it waited for the lock while the scheduler went
+            _say(f"attempt {attempt} of chunk {chunk} is not started: {abandoned}")
+            raise DaskJobLost(f"the job was not started: {abandoned}")
         if store.exists(mark):
-            if store.exists(store.result_key(chunk, attempt)):
-                return  # it finished before its worker died: nothing to do again
+            result = store.result_key(chunk, attempt)
             try:
                 before: StartMarker | None = store.get_document(StartMarker, mark, secret)
             except (FileNotFoundError, DocumentError):
                 before = None  # not this run's own marker: it proves nothing
+            if (
+                before is not None
+                and before.failed is None
+                and not store.exists(result)
+                and _still_running(before)
+            ):
+                _say(
+                    f"attempt {attempt} of chunk {chunk} still runs in process {before.pid} "
+                    "of this machine (Dask handed its task over again): waiting for it"
+                )
+                _wait_for_earlier_run(store, chunk, attempt, before)
+            if store.exists(result):
+                # It finished before its worker died, or before the client heard of it.
+                _say(
+                    f"attempt {attempt} of chunk {chunk} already has its result, written "
+                    "by an earlier run of its task; its calls are not run again"
+                )
+                return
             if before is not None and before.failed is None:  # its worker died under it
                 raise DaskJobLost(
                     f"the Dask worker that ran this job before (pid {before.pid} on "
@@ -122,6 +169,54 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+def _abandoned() -> str | None:
+    """Why the Dask worker running this task no longer wants it, if it does not: it
+    is closing (it lost its scheduler), or the scheduler released the task (its
+    client went away). Such a task's outcome reaches nobody, and Dask has handed the
+    job, or will hand it, to a worker again: it must not run the calls as well."""
+    try:
+        from distributed.utils import thread_state
+        from distributed.worker import WORKER_ANY_RUNNING, get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask task
+        return None
+    if worker.status not in WORKER_ANY_RUNNING:
+        return f"its Dask worker is {worker.status.name} (it lost its scheduler)"
+    key = getattr(thread_state, "key", None)
+    task = worker.state.tasks.get(key) if key is not None else None
+    if task is None or task.state in ("cancelled", "released", "forgotten"):
+        return "the scheduler released the task (its client went away)"
+    return None
+
+
+def _say(text: str) -> None:
+    """A line in the Dask worker's log (its stderr), as ``batchpool.worker`` writes."""
+    sys.stderr.write(f"batchpool: {text}\n")
+    sys.stderr.flush()
+
+
+def _still_running(before: StartMarker) -> bool:
+    """Whether the run that wrote ``before`` is another live process of this machine.
+    (A run in this process ended before ``_job_lock`` was ours; one on another machine
+    cannot be checked from here.)"""
+    if before.pid is None or before.pid == os.getpid():
+        return False
+    if before.host != socket.gethostname() or before.boot_id != boot_id():
+        return False
+    return bool(same_process(before.pid, before.pid_started))
+
+
+def _wait_for_earlier_run(store: Store, chunk: str, attempt: int, before: StartMarker) -> None:
+    """Wait until the earlier run of this attempt ends: its result or its end marker
+    is written, or its process is gone (it may serve other jobs long after)."""
+    ended = (store.result_key(chunk, attempt), store.end_key(chunk, attempt))
+    while same_process(before.pid, before.pid_started) and not any(
+        store.exists(key) for key in ended
+    ):
+        time.sleep(EARLIER_RUN_POLL)
 
 
 class DaskBackend(Backend):
@@ -188,6 +283,9 @@ class DaskBackend(Backend):
             )
         self._lock = threading.Lock()
         self._futures: dict[str, Any] = {}  # job id -> distributed.Future, until it ends
+        # job id -> what submit gave the task, to hand it over again (see the notes).
+        self._tasks: dict[str, tuple[tuple[str, ...], dict[str, str], str | None]] = {}
+        self._resubmits: dict[str, int] = {}
         self._notify: dict[str, Notify | None] = {}
         self._ended: dict[str, JobState] = {}
         self._why: dict[str, str] = {}
@@ -216,24 +314,35 @@ class DaskBackend(Backend):
         ids = [f"batchpool-{spec.name}-{uuid.uuid4().hex[:8]}" for spec in jobs]
         futures = []
         for job_id, spec in zip(ids, jobs, strict=True):
+            task = (tuple(spec.args), spec.environment(), spec.resources.working_dir)
             with self._lock:
                 self._notify[job_id] = notify
-            future = self._client.submit(
-                _run_job,
-                tuple(spec.args),
-                spec.environment(),
-                spec.resources.working_dir,
-                key=job_id,
-                pure=False,
-                retries=self._retries,
-                resources=self._resources,
-            )
+                self._tasks[job_id] = task
+            future = self._submit_task(job_id, job_id, task)
             with self._lock:
                 self._futures[job_id] = future
             futures.append(future)
         for job_id, future in zip(ids, futures, strict=True):
-            future.add_done_callback(lambda f, job_id=job_id: self._done(job_id, f))
+            self._watch(job_id, future)
         return ids
+
+    def _submit_task(
+        self, job_id: str, key: str, task: tuple[tuple[str, ...], dict[str, str], str | None]
+    ) -> Any:
+        args, env, working_dir = task
+        return self._client.submit(
+            _run_job,
+            args,
+            env,
+            working_dir,
+            key=key,
+            pure=False,
+            retries=self._retries,
+            resources=self._resources,
+        )
+
+    def _watch(self, job_id: str, future: Any) -> None:
+        future.add_done_callback(lambda f, job_id=job_id: self._done(job_id, f))
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         states: dict[str, JobState] = {}
@@ -250,10 +359,13 @@ class DaskBackend(Backend):
                 if status == "finished":
                     states[job_id] = JobState.SUCCEEDED
                 elif status == "cancelled":
-                    states[job_id] = JobState.CANCELLED
+                    # Not by batchpool (its cancels are in _ended): the client lost the
+                    # scheduler, and the callback hands the job over again.
+                    states[job_id] = JobState.PENDING
                 elif status == "error":
                     states[job_id] = JobState.FAILED  # the callback tells LOST from FAILED
-                elif status == "lost":
+                elif status == "lost" or self._client.status == "closed":
+                    # Lost, or a closed client's task that it will never hear of.
                     states[job_id] = JobState.LOST
                 else:
                     states[job_id] = JobState.PENDING
@@ -262,10 +374,12 @@ class DaskBackend(Backend):
     def cancel(self, job_ids: Sequence[str]) -> None:
         with self._lock:
             futures = [self._futures[j] for j in job_ids if j in self._futures]
-        if futures:
-            self._client.cancel(futures)
+        # Ended first: the callbacks of these futures must not take the cancellation
+        # for a lost scheduler and hand the jobs over again.
         for job_id in job_ids:
             self._end(job_id, JobState.CANCELLED, "cancelled by batchpool")
+        if futures:
+            self._client.cancel(futures)
 
     def close(self) -> None:
         with self._lock:
@@ -293,12 +407,14 @@ class DaskBackend(Backend):
     # -- a task ended ---------------------------------------------------------------------
 
     def _done(self, job_id: str, future: Any) -> None:
+        if not self._is_current(job_id, future):
+            return  # ended already (cancelled by batchpool), or handed over again
         status = future.status
         if status == "finished":
             self._end(job_id, JobState.SUCCEEDED)
             return
-        if status == "cancelled":
-            self._end(job_id, JobState.CANCELLED, "the Dask task was cancelled")
+        if status == "cancelled":  # not by batchpool: see ``cancel``
+            self._lost_sight(job_id, _cancel_reason(future))
             return
         try:
             exc = future.exception()
@@ -318,6 +434,47 @@ class DaskBackend(Backend):
                 text += "\n" + "".join(traceback.format_tb(tb)).rstrip("\n")
             self._end(job_id, JobState.FAILED, "the Dask task failed", text)
 
+    def _is_current(self, job_id: str, future: object) -> bool:
+        with self._lock:
+            return self._futures.get(job_id) is future
+
+    def _lost_sight(self, job_id: str, reason: str) -> None:
+        """The client cancelled the task without being asked (it lost its scheduler):
+        hand the same job to the scheduler again, or end it as lost."""
+        why = f"the Dask client cancelled the task ({reason})"
+        with self._lock:
+            resubmits = self._resubmits.get(job_id, 0)
+            task = self._tasks.get(job_id)
+            closed = self._closed
+        status = self._client.status
+        if closed or task is None:
+            self._end(job_id, JobState.CANCELLED, why)
+            return
+        if status in ("closing", "closed") or resubmits >= MAX_RESUBMITS:
+            if resubmits >= MAX_RESUBMITS:
+                more = f"; handed over {resubmits} times already"
+            else:
+                more = f"; the client is {status}: it did not reconnect"
+            self._end(job_id, JobState.LOST, why + more, why + more)
+            return
+        try:
+            future = self._submit_task(job_id, f"{job_id}-again{resubmits + 1}", task)
+        except Exception as exc:  # the client closed meanwhile
+            detail = f"{why}; handing it over again failed: {type(exc).__name__}: {exc}"
+            self._end(job_id, JobState.LOST, detail, detail)
+            return
+        with self._lock:
+            if job_id in self._ended or job_id not in self._notify:
+                ended = True
+            else:
+                ended = False
+                self._resubmits[job_id] = resubmits + 1
+                self._futures[job_id] = future
+        if ended:  # cancelled by batchpool in between
+            self._client.cancel([future])
+            return
+        self._watch(job_id, future)
+
     def _end(
         self,
         job_id: str,
@@ -333,6 +490,8 @@ class DaskBackend(Backend):
             while len(self._ended) > FINISHED_MEMORY:
                 self._ended.pop(next(iter(self._ended)))
             self._futures.pop(job_id, None)  # releases the task on the cluster
+            self._tasks.pop(job_id, None)
+            self._resubmits.pop(job_id, None)
             notify = self._notify.pop(job_id)
             if detail or why:
                 self._why[job_id] = detail or why
@@ -340,3 +499,10 @@ class DaskBackend(Backend):
                     self._why.pop(next(iter(self._why)))
         if notify is not None:
             notify(JobEvent(job_id, state, reason=why, fatal=fatal))
+
+
+def _cancel_reason(future: Any) -> str:
+    """Why Dask cancelled ``future`` ("scheduler-connection-lost", ...), as it says."""
+    exception = getattr(getattr(future, "_state", None), "exception", None)
+    reason = getattr(exception, "reason", None)
+    return str(reason) if reason else "no reason given"

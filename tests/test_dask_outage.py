@@ -1,0 +1,311 @@
+"""The Dask backend rides out an outage of the engine itself: the scheduler restarted
+on the same port in the middle of a map, or the client's connection to it cut.
+
+A real ``distributed`` scheduler and worker run as separate processes (``dask
+scheduler`` / ``dask worker``), so that the scheduler can be killed and started again.
+Each call appends a line to its own mark file, so the tests count how often a call ran;
+nothing here asserts a wall-clock time.
+
+What happens (distributed 2026.8): the client cancels every future it holds (reason
+``scheduler-connection-lost``) and reconnects to the address within its timeout; a
+``dask worker`` whose scheduler goes away finishes the task it runs, then exits
+(nanny and all: something must start workers again, as the test does); a task that
+waited in that worker for the job before it is not started. The backend hands each
+job the client lost to the scheduler again (the same attempt): its task finds the
+outcome the first run wrote, or waits for that run, or runs a job that never began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from services import HOST, _die_with_parent, _prctl, free_port
+
+from batchpool import BatchPoolExecutor
+
+pytestmark = pytest.mark.dask
+
+try:
+    import distributed
+except ImportError:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI"):
+        raise RuntimeError(
+            "CI is set but distributed is not installed: pip install -e '.[test]'"
+        ) from None
+    pytest.skip(
+        "distributed is not installed (pip install 'batchpool[dask]')", allow_module_level=True
+    )
+
+from batchpool.backends.dask import DaskBackend  # noqa: E402
+
+#: Bounded waits for the cluster's processes (they are not what the tests measure).
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+#: How long each call runs: long enough to be caught running by the outage.
+CALL_SECONDS = 3.0
+CALLS = 6
+
+
+class DaskProcesses:
+    """A scheduler on a fixed port and its workers, each a process of its own, each
+    stopped by its pid (SIGTERM, then SIGKILL of the process group it leads)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.address = f"tcp://{HOST}:{self.port}"
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = self.folder / f"{name}-{len(self.started)}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                start_new_session=True,  # its own group: the nanny's worker goes with it
+                preexec_fn=_die_with_parent if _prctl is not None else None,
+            )
+        self.started.append(process)
+        return process
+
+    def start_scheduler(self) -> None:
+        cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+        self.scheduler = self._spawn(
+            "scheduler",
+            [*cli, "--host", HOST, "--port", str(self.port), "--dashboard-address", ":0"],
+        )
+
+    def start_worker(self, threads: int = 2) -> subprocess.Popen[bytes]:
+        cli = [sys.executable, "-m", "distributed.cli.dask_worker", self.address]
+        opts = ["--nworkers", "1", "--nthreads", str(threads), "--no-dashboard"]
+        worker = self._spawn("worker", [*cli, *opts])
+        self.workers.append(worker)
+        return worker
+
+    def kill_scheduler(self) -> None:
+        assert self.scheduler is not None
+        self.scheduler.kill()  # SIGKILL: no goodbye to the client or the workers
+        self.scheduler.wait(STOP_TIMEOUT)
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is not None:
+                continue
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(STOP_TIMEOUT)
+
+    def worker_log(self, worker: subprocess.Popen[bytes]) -> str:
+        index = self.started.index(worker)
+        [path] = self.folder.glob(f"worker-{index}.log")
+        return path.read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+            for p in sorted(self.folder.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def dask_processes(tmp_path: Path) -> Iterator[DaskProcesses]:
+    folder = tmp_path / "dask"
+    folder.mkdir()
+    processes = DaskProcesses(folder)
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
+def mark_and_sleep(x: int, folder: str, seconds: float) -> int:
+    path = os.path.join(folder, f"{x}.runs")
+    with open(path, "a") as f:
+        f.write(f"start {os.getpid()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"end {os.getpid()}\n")
+    return x * 10
+
+
+def marks(folder: Path) -> dict[int, list[str]]:
+    """Each call's mark lines: "start PID" as it began, "end PID" as it returned."""
+    return {int(p.stem): p.read_text().splitlines() for p in folder.glob("*.runs")}
+
+
+def runs(folder: Path) -> dict[int, int]:
+    """How many times each call ran (began), from its mark file."""
+    return {
+        x: sum(line.startswith("start") for line in lines) for x, lines in marks(folder).items()
+    }
+
+
+def mid_map(folder: Path, storage: Path) -> set[int]:
+    """Wait until a call returned with its outcome in storage and another one runs;
+    the calls that returned by then."""
+
+    def ready() -> bool:
+        lines = marks(folder)
+        ended = {x for x, got in lines.items() if any(g.startswith("end") for g in got)}
+        return bool(ended) and len(lines) > len(ended) and any(storage.glob("*/results/*.out"))
+
+    wait_until("a call returned and another one runs", ready)
+    return {x for x, got in marks(folder).items() if any(g.startswith("end") for g in got)}
+
+
+def wait_until(what: str, condition: Any, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.05)
+
+
+def worker_pids(client: Any) -> set[int]:
+    return set(client.run(os.getpid).values())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_map(ex: BatchPoolExecutor, folder: Path) -> tuple[threading.Thread, dict[str, Any]]:
+    """``list(ex.map(...))`` in a thread, so the test can break the engine meanwhile."""
+    out: dict[str, Any] = {}
+
+    def consume() -> None:
+        try:
+            out["results"] = list(
+                ex.map(
+                    mark_and_sleep,
+                    range(CALLS),
+                    [str(folder)] * CALLS,
+                    [CALL_SECONDS] * CALLS,
+                    chunksize=1,
+                    timeout=240,  # no future waits forever: a hang fails here
+                )
+            )
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=consume, name="map", daemon=True)
+    thread.start()
+    return thread, out
+
+
+def started_cluster(procs: DaskProcesses) -> Any:
+    procs.start_scheduler()
+    procs.start_worker()
+    client = distributed.Client(procs.address, set_as_default=False, timeout=START_TIMEOUT)
+    client.wait_for_workers(1, timeout=START_TIMEOUT)
+    return client
+
+
+@pytest.mark.timeout(300)
+def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Path) -> None:
+    procs = dask_processes
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+    client = started_cluster(procs)
+    try:
+        [old_pid] = worker_pids(client)
+        old_worker = procs.workers[0]
+        storage = tmp_path / "store"
+        with BatchPoolExecutor(
+            backend=DaskBackend(client), storage=str(storage), cleanup_bucket=False
+        ) as ex:
+            thread, out = start_map(ex, marks_dir)
+            done_before = mid_map(marks_dir, storage)
+            running = set(runs(marks_dir)) - done_before
+            procs.kill_scheduler()
+            procs.start_scheduler()  # the same port
+            # What a supervisor of the workers does, while the old one finishes its job.
+            # One thread: it takes the tasks in the order they were handed over again.
+            new_worker = procs.start_worker(threads=1)
+            thread.join(240)
+            assert not thread.is_alive(), "the map still waits\n" + procs.logs()
+            assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
+            assert out["results"] == [x * 10 for x in range(CALLS)]
+            assert client.status == "running"  # it reconnected to the new scheduler
+        counts = runs(marks_dir)
+        assert done_before and all(counts[x] == 1 for x in done_before), counts
+        # None ran twice: the call that ran through the outage wrote its outcome, which
+        # its task, handed over again, found after waiting for the old worker's job.
+        assert counts == dict.fromkeys(range(CALLS), 1), counts
+        [ran_through] = running
+        assert all(line.endswith(f" {old_pid}") for line in marks(marks_dir)[ran_through])
+        assert f"still runs in process {old_pid} of this machine" in procs.worker_log(new_worker)
+        # A task that waited in the old worker for the job before it was not started.
+        assert "is not started: its Dask worker is closing" in procs.worker_log(old_worker)
+        # Every result came from attempt 1: the outage cost no attempt.
+        assert (
+            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
+            == ["1"] * CALLS
+        )
+        # The old worker finished its job and exited with its scheduler: no orphan runs.
+        wait_until("the old worker exited", lambda: old_worker.poll() is not None)
+        wait_until("the old worker process ended", lambda: not alive(old_pid))
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(300)
+def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: Path) -> None:
+    procs = dask_processes
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+    client = started_cluster(procs)
+    try:
+        storage = tmp_path / "store"
+        with BatchPoolExecutor(
+            backend=DaskBackend(client), storage=str(storage), cleanup_bucket=False
+        ) as ex:
+            thread, out = start_map(ex, marks_dir)
+            done_before = mid_map(marks_dir, storage)
+            # Cut the client's connection; the scheduler and its worker go on.
+            client.loop.add_callback(client.scheduler_comm.comm.abort)
+            thread.join(240)
+            assert not thread.is_alive(), "the map still waits\n" + procs.logs()
+            assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
+            assert out["results"] == [x * 10 for x in range(CALLS)]
+            assert client.status == "running"
+        counts = runs(marks_dir)
+        assert done_before and all(counts[x] == 1 for x in done_before), counts
+        assert counts == dict.fromkeys(range(CALLS), 1), counts
+        assert (
+            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
+            == ["1"] * CALLS
+        )
+        worker = procs.workers[0]
+        assert worker.poll() is None  # the scheduler kept its worker
+        log = procs.worker_log(worker)
+        # The call that ran as the connection broke went on (its task released by the
+        # scheduler), and its task handed over again found its outcome.
+        assert "already has its result, written by an earlier run of its task" in log
+        assert "is not started: the scheduler released the task" in log
+    finally:
+        client.close()
