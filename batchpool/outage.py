@@ -53,6 +53,11 @@ class EngineOutage:
     """The clock of an engine that cannot be asked: since when, how often, and why."""
 
     grace: float = DEFAULT_GRACE
+    #: What an outage means, for the log: "<consequence> after <grace> s".
+    consequence: str = (
+        "the states of its jobs are unknown until it answers again: what finished is read "
+        "from the store, and jobs count as lost"
+    )
     since: float | None = None  # monotonic time of the first failure of this outage
     failures: int = 0
     last_error: str = ""
@@ -72,10 +77,9 @@ class EngineOutage:
             self.since = now if since is None else since
             self._began_wall = time.time()
             log.warning(
-                "batchpool: the engine cannot be asked (%s); its jobs' states are unknown "
-                "until it answers again: what finished is read from the store, and jobs "
-                "count as lost only after %g s",
+                "batchpool: the engine cannot be reached (%s); %s only after %g s",
                 self.last_error,
+                self.consequence,
                 self.grace,
             )
         else:

@@ -142,7 +142,13 @@ class Watcher:
         self._next_poll = time.monotonic() + self._poll_interval
         # The engine's states come from a thread of their own; when it cannot be asked,
         # the clock of the outage runs and the store tells what finished (outage.py).
+        # Submissions have a clock of their own: a status query that answers says
+        # nothing of an sbatch that keeps timing out.
         self._outage = EngineOutage(grace=engine_outage_grace)
+        self._submit_outage = EngineOutage(
+            grace=engine_outage_grace,
+            consequence="the jobs wait in the store to be handed over again, and fail",
+        )
         self._status_query = StatusQuery(backend, self._events.put)
         self._next_store_look = 0.0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
@@ -334,8 +340,8 @@ class Watcher:
         timeout: float | None = None
         if self._inflight or self._orphans:
             timeout = max(0.0, self._next_poll - time.monotonic())
-        if self._outage.held() and (self._retry or self._pending or self._parked):
-            retry_in = max(0.0, self._outage.retry_at - time.monotonic())  # a held dispatch
+        if self._submit_outage.held() and (self._retry or self._pending or self._parked):
+            retry_in = max(0.0, self._submit_outage.retry_at - time.monotonic())  # held
             timeout = retry_in if timeout is None else min(timeout, retry_in)
         flush_in = self._journal.flush_due_in()  # never now: a job's end would wait
         if flush_in == 0.0:
@@ -365,7 +371,7 @@ class Watcher:
     def _dispatch(self) -> None:
         if self._cancel_requested:
             return
-        if self._outage.held():  # the engine cannot be reached: try again at retry_at
+        if self._submit_outage.held():  # the engine cannot be reached: try at retry_at
             self._park_backlog()
             return
         ready: list[Chunk] = []
@@ -526,24 +532,24 @@ class Watcher:
         except Exception as exc:
             for chunk in chunks:
                 self._release(chunk)
-            if is_unreachable(exc) and not self._outage.expired():
+            if is_unreachable(exc) and not self._submit_outage.expired():
                 # The engine cannot be reached now: the same jobs are handed over again
                 # once it answers, within engine_outage_grace.
-                self._outage.failed(f"{self.backend!r}.submit", exc)
+                self._submit_outage.failed(f"{self.backend!r}.submit", exc)
                 self._retry.extendleft(reversed(chunks))
                 return
-            outage = f" ({self._outage.describe()})" if self._outage.active else ""
+            outage = self._submit_outage
+            outage_text = f" ({outage.describe()})" if outage.active else ""
             for chunk in chunks:
                 self._completion.fail(
                     chunk,
                     BatchPoolError(
                         f"{self.backend!r} could not start the job for {chunk.describe()} "
-                        f"(chunk {chunk.id}): {type(exc).__name__}: {exc}{outage}"
+                        f"(chunk {chunk.id}): {type(exc).__name__}: {exc}{outage_text}"
                     ),
                 )
             return
-        if self._outage.active and not self._inflight:
-            self._outage.answered()  # nothing else asks the engine now: it answered
+        self._submit_outage.answered()
         for chunk, job_id in zip(chunks, job_ids, strict=True):
             chunk.job_id = job_id
             if chunk.record is not None:

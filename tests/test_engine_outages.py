@@ -58,6 +58,7 @@ class Flaky(Backend):
     ) -> None:
         self.inner = LocalBackend(max_workers)
         self.down = threading.Event()
+        self.submit_down = threading.Event()  # submissions alone are refused
         self.hang = threading.Event()
         self.released = threading.Event()
         self.cancel_works = cancel_works
@@ -84,7 +85,7 @@ class Flaky(Backend):
         return self.inner.max_parallel()
 
     def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
-        if self.down.is_set() and not self.submit_works:
+        if (self.down.is_set() and not self.submit_works) or self.submit_down.is_set():
             self._count("submit", True)
             raise BackendError("Unable to contact the scheduler", transient=True)
         self._count("submit", False)
@@ -252,6 +253,34 @@ def test_a_submission_refused_past_the_grace_fails_its_calls_naming_the_outage(
         backend.close()
     assert "the engine could not be asked for" in str(info.value)
     assert backend.refused["submit"] >= 2  # tried again within the grace
+
+
+def test_submissions_refused_while_status_answers_still_end_after_the_grace(
+    tmp_path: Path, quick_retries: None
+) -> None:
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    backend = Flaky(max_workers=2)
+    try:
+        with BatchPoolExecutor(
+            backend=backend,
+            storage=str(tmp_path / "store"),
+            engine_outage_grace=0.5,
+            max_poll_interval=0.05,  # status answers often while the submission is refused
+        ) as ex:
+            running = ex.submit(mark_and_wait, str(marks), 1, str(gate))
+            backend.wait_until(lambda: backend.answered["status"] >= 1)
+            backend.submit_down.set()
+            refused = ex.submit(pow, 2, 3)
+            # Status queries answer all along (the job runs): that must not restart the
+            # submission's grace, or the call would wait forever.
+            with pytest.raises(Exception, match="could not start the job"):
+                refused.result(timeout=120)
+            gate.touch()
+            assert running.result(timeout=120) == 2
+    finally:
+        backend.close()
+    assert backend.refused["submit"] >= 2
 
 
 def test_a_submission_the_engine_refuses_fails_at_once(tmp_path: Path) -> None:
