@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -122,6 +123,54 @@ def pool_workers() -> list[int]:
     return found
 
 
+def live_processes() -> Iterator[tuple[int, list[str]]]:
+    """Each live (not zombie) process: its pid, and the fields of its /proc stat line
+    after the command name (state, ppid, pgrp, session, ...)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] not in ("Z", "X"):
+            yield int(entry), fields
+
+
+def running_here() -> set[str]:
+    """This process's live threads and child processes: what could still act later."""
+    live = {f"thread {thread.ident}" for thread in threading.enumerate()}
+    me = os.getpid()
+    return live | {f"process {pid}" for pid, fields in live_processes() if int(fields[1]) == me}
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    return [pid for pid, fields in live_processes() if int(fields[3]) == sid]
+
+
+def cli_to_the_end(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cli``, in a session of its own, which has no process left when this returns:
+    whatever the command started has ended too, and done all it will do."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchpool", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    stdout, stderr = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while session_processes(proc.pid):
+        assert time.monotonic() < deadline, f"batchpool {args[0]} left processes running"
+        time.sleep(0.01)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def finished_run(storage: Path, name: str = "done") -> Path:
     with BatchPoolExecutor(
         name=name, storage=str(storage), cleanup_bucket=False, max_workers=1
@@ -196,16 +245,59 @@ def dead_run(tmp_path: Path) -> Iterator[DeadRun]:
     run.gate.touch()
 
 
+VICTIM = """
+import os, signal, sys, time
+ack, probes = sys.argv[1], [0]
+def probed(signum, frame):
+    probes[0] += 1
+    with open(ack + ".tmp", "w") as f:
+        f.write(str(probes[0]))
+    os.replace(ack + ".tmp", ack)
+signal.signal(signal.SIGRTMIN, probed)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+class Victim:
+    """A process of this user that no batchpool command may signal. It lives until the
+    test ends, and answers a probe signal: see ``unsignalled``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ack = folder / "victim-ack"
+        self.probes = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", VICTIM, str(self.ack)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+        self.pid = self.proc.pid
+
+    def unsignalled(self) -> bool:
+        """Whether no signal reached the victim before now. Linux delivers a pending
+        standard signal (SIGTERM, SIGKILL, ...) before a real-time one: the victim answers
+        this probe only if no such signal was sent it earlier, and dies first if one was."""
+        self.probes += 1
+        os.kill(self.pid, signal.SIGRTMIN)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                return False
+            if self.ack.exists() and self.ack.read_text() == str(self.probes):
+                return True
+            assert time.monotonic() < deadline, "the victim neither answered nor died"
+            time.sleep(0.01)
+
+
 @pytest.fixture
-def victim() -> Iterator[subprocess.Popen[bytes]]:
-    """A process of this user that no batchpool command may signal."""
-    proc = subprocess.Popen(["sleep", "120"])
-    yield proc
-    proc.kill()
-    proc.wait()
+def victim(tmp_path: Path) -> Iterator[Victim]:
+    victim = Victim(tmp_path)
+    yield victim
+    victim.proc.kill()
+    victim.proc.wait()
 
 
-def victim_marker(run: DeadRun, victim: subprocess.Popen[bytes]) -> dict[str, Any]:
+def victim_marker(run: DeadRun, victim: Victim) -> dict[str, Any]:
     """A start marker for the dead run's first chunk that names ``victim``, with all that
     anyone on the host can read of it."""
     return {
@@ -286,10 +378,11 @@ def forge_attack_manifest(run_url: Path, tmp_path: Path) -> dict[str, Path]:
 
 def test_attach_refuses_a_manifest_the_run_did_not_sign(dead_run: DeadRun, tmp_path: Path) -> None:
     pwned = forge_attack_manifest(dead_run.url, tmp_path)
-    before = pool_workers()
+    before, running = pool_workers(), running_here()
     with pytest.raises(IntegrityError, match="does not carry this run's signature"):
         BatchPoolExecutor.attach(str(dead_run.storage), dead_run.url.name)
-    time.sleep(1.0)  # anything started would have left its file by now
+    # No thread or process the attach started still runs: anything it started is done.
+    assert running_here() <= running
     assert [path for path in pwned.values() if path.exists()] == []
     assert pool_workers() == before  # not 24 workers, not one
 
@@ -307,11 +400,11 @@ def test_the_command_runs_no_program_the_store_names(dead_run: DeadRun, tmp_path
     pwned = forge_attack_manifest(dead_run.url, tmp_path)
     for env in (None, without_secret(tmp_path)):
         for command in ("status", "cancel"):
-            result = cli(command, str(dead_run.url), env=env)
+            result = cli_to_the_end(command, str(dead_run.url), env=env)
             assert "Traceback" not in result.stderr, result.stderr
-        result = cli("clean", str(dead_run.url), "--dry-run", env=env)
+        result = cli_to_the_end("clean", str(dead_run.url), "--dry-run", env=env)
         assert "Traceback" not in result.stderr, result.stderr
-    time.sleep(0.5)
+    # Every process of the commands has ended: what they ran has left its file.
     assert [path for path in pwned.values() if path.exists()] == []
 
 
@@ -353,37 +446,34 @@ def test_job_ids_reach_no_engine_command_unless_they_are_the_engines_own(tmp_pat
 
 
 def test_cancel_signals_no_process_a_forged_marker_names(
-    dead_run: DeadRun, victim: subprocess.Popen[bytes], tmp_path: Path
+    dead_run: DeadRun, victim: Victim, tmp_path: Path
 ) -> None:
     write_json(dead_run.start_marker(), victim_marker(dead_run, victim))  # unsigned
     for env in (None, without_secret(tmp_path)):
-        result = cli("cancel", str(dead_run.url), env=env)
+        result = cli_to_the_end("cancel", str(dead_run.url), env=env)
         assert result.returncode in (0, 1), result.stderr
         assert "sent SIGTERM" not in result.stdout
-        time.sleep(0.2)
-        assert victim.poll() is None, "the victim was signalled"
+        assert victim.unsignalled(), "the victim was signalled"
     # Even a marker signed with the run's secret (a real worker's, whose pid was reused
     # by another process since) does not make a process a batchpool worker.
     key = f"events/{dead_run.first_chunk}.1.start"
     sign(dead_run.url, key, victim_marker(dead_run, victim), StartMarker)
-    result = cli("cancel", str(dead_run.url))
+    result = cli_to_the_end("cancel", str(dead_run.url))
     assert "is not the batchpool worker that started it" in result.stdout, result.stdout
-    time.sleep(0.2)
-    assert victim.poll() is None
+    assert victim.unsignalled(), "the victim was signalled"
 
 
 def test_attach_does_not_wait_on_a_process_a_marker_names(
-    dead_run: DeadRun, victim: subprocess.Popen[bytes]
+    dead_run: DeadRun, victim: Victim
 ) -> None:
     key = f"events/{dead_run.first_chunk}.1.start"
     sign(dead_run.url, key, victim_marker(dead_run, victim), StartMarker)
     dead_run.gate.touch()
-    started = time.monotonic()
     with BatchPoolExecutor.attach(str(dead_run.storage), dead_run.url.name) as bpe:
+        # The victim lives on until the test ends: waited on, no result would come.
         results = [f.result(timeout=60) for f in bpe.futures]
     assert results == ["opened", 0, 1, 4]
-    assert time.monotonic() - started < 60  # the victim sleeps 120 s
-    assert victim.poll() is None
+    assert victim.unsignalled()
 
 
 def test_attach_waits_for_a_real_orphan_only_until_its_grace_ends(
@@ -395,14 +485,19 @@ def test_attach_waits_for_a_real_orphan_only_until_its_grace_ends(
         started = time.monotonic()
         with BatchPoolExecutor.attach(str(run.storage), run.url.name) as bpe:
             # The orphan is provably ours: killed when its grace ends, then run again.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60  # a hang guard: it was waited on forever
             while process_started(run.worker_pid) is not None:
                 assert time.monotonic() < deadline, "the orphan was waited on past its grace"
                 time.sleep(0.05)
             waited = time.monotonic() - started
             run.gate.touch()
             assert [f.result(timeout=60) for f in bpe.futures] == ["opened", 0, 1, 4]
-        assert 1.5 <= waited < 30
+            first = bpe.futures[0]
+            assert first.job is not None and first.job.attempt == 2
+            assert "its worker was still running it when its grace ran out" in first.logs()
+        # Not killed before its grace: the attach set the 2 s deadline after `started`,
+        # so this holds however slow the machine (a lower bound only; no upper one).
+        assert waited >= 2.0
     finally:
         run.gate.touch()
         if process_started(run.worker_pid) is not None:
@@ -674,12 +769,14 @@ def test_sessions_that_resume_at_the_same_moment_create_one_run(tmp_path: Path) 
 
 
 RACER = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {tests!r})
 from batchpool import BatchPoolExecutor
 from test_trust import square
-while time.time() < float(sys.argv[2]):
-    pass
+barrier = sys.argv[2]
+open(os.path.join(barrier, "ready-" + sys.argv[3]), "w").close()
+while not os.path.exists(os.path.join(barrier, "go")):
+    time.sleep(0.001)
 with BatchPoolExecutor(name="racers", resume=True, storage=sys.argv[1]) as bpe:
     print(bpe.run_url, bpe.submit(square, int(sys.argv[3])).result(timeout=60), flush=True)
 """
@@ -688,15 +785,22 @@ with BatchPoolExecutor(name="racers", resume=True, storage=sys.argv[1]) as bpe:
 def test_processes_that_resume_at_the_same_moment_create_one_run(tmp_path: Path) -> None:
     script = tmp_path / "racer.py"
     script.write_text(textwrap.dedent(RACER.format(tests=str(TESTS))))
-    start = str(time.time() + 3)  # all start their session at once, after importing
+    barrier = tmp_path / "barrier"  # all start their session at once, after importing
+    barrier.mkdir()
     racers = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "runs"), start, str(i)],
+            [sys.executable, str(script), str(tmp_path / "runs"), str(barrier), str(i)],
             stdout=subprocess.PIPE,
             text=True,
         )
         for i in range(3)
     ]
+    deadline = time.monotonic() + 60
+    while len(list(barrier.glob("ready-*"))) < 3:
+        assert time.monotonic() < deadline, "the racers never got ready"
+        assert all(racer.poll() is None for racer in racers), "a racer died"
+        time.sleep(0.01)
+    (barrier / "go").touch()
     outputs = [racer.communicate(timeout=90)[0].split() for racer in racers]
     assert len({url for url, _ in outputs}) == 1, outputs
     assert [int(value) for _, value in outputs] == [0, 1, 4]
