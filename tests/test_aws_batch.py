@@ -180,11 +180,12 @@ def test_future_cancel_of_a_queued_job_terminates_it(
 def test_a_running_job_is_terminated_and_status_batches_describe_jobs(
     backend: AWSBatchBackend, worker_image: str
 ) -> None:
-    # A bare job (no executor): `sh -c 'sleep 60'` as the worker's "python".
+    # A bare job (no executor): `sh -c 'sleep 600'` as the worker's "python", terminated
+    # below (still running, however long the wait for it to start took).
     spec = JobSpec(
         "sleeper",
         ("ignored",),
-        resources=Resources(image=worker_image, python=("sh", "-c", "sleep 60", "sh")),
+        resources=Resources(image=worker_image, python=("sh", "-c", "sleep 600", "sh")),
     )
     (job_id,) = backend.submit([spec])
     AWSBatchBackend.check_job_id(job_id)
@@ -193,6 +194,7 @@ def test_a_running_job_is_terminated_and_status_batches_describe_jobs(
         assert time.monotonic() < deadline, "the job never ran"
         time.sleep(0.3)
     backend.cancel([job_id])
+    deadline = time.monotonic() + 60
     while backend.status([job_id])[job_id] is not JobState.CANCELLED:
         assert time.monotonic() < deadline, "the terminated job never ended"
         time.sleep(0.3)

@@ -143,14 +143,12 @@ def test_killed_worker_is_retried_then_lost_and_the_cluster_recovers(
     ex: BatchPoolExecutor, client: Any, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    started = time.monotonic()
     future = ex.submit(die, 1, str(runs))
     with pytest.raises(WorkerLostError) as info:
-        future.result(timeout=60)
+        future.result(timeout=60)  # a hang guard: the loss is noticed, not waited out
     text = str(info.value)
     assert "2 attempts" in text, text
     assert "Dask worker" in text, text
-    assert time.monotonic() - started < 60
     # Once per batchpool attempt: Dask's re-runs of the task did not run the call again.
     assert len(runs.read_text().split()) == 2
     client.wait_for_workers(2, timeout=60)

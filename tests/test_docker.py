@@ -189,8 +189,9 @@ def test_queued_jobs_wait_for_a_slot_and_cancel_finds_running_containers(
         engine=container_engine.docker, parallel=1, log_dir=str(tmp_path / "logs")
     )
     events: list[JobEvent] = []
-    # ``bash -c 'sleep 60' --`` swallows the worker's argv: containers that just run.
-    sleeper = Resources(image=worker_image, python=("bash", "-c", "sleep 60", "--"))
+    # ``bash -c 'sleep 600' --`` swallows the worker's argv: containers that just run,
+    # until killed below (still running, however long the waits before took).
+    sleeper = Resources(image=worker_image, python=("bash", "-c", "sleep 600", "--"))
     specs = [
         JobSpec(name=f"sleep-{i}", args=("--chunk", str(i)), resources=sleeper) for i in range(2)
     ]

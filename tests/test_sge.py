@@ -122,8 +122,9 @@ def test_killed_worker_is_retried_then_fails_with_exit_status_and_tail(
 
 def test_one_status_command_per_poll_and_cancel_of_tasks(sge: None, tmp_path: Path) -> None:
     backend = SGEBackend(log_dir=str(tmp_path / "logs"))
-    # ``bash -c 'sleep 60' --`` swallows the worker's argv: jobs that just run.
-    sleeper = Resources(python=("bash", "-c", "sleep 60", "--"))
+    # ``bash -c 'sleep 600' --`` swallows the worker's argv: jobs that just run, until
+    # cancelled below (still running, however long the waits before took).
+    sleeper = Resources(python=("bash", "-c", "sleep 600", "--"))
     specs = [
         JobSpec(
             name=f"sleep-{i}",
@@ -179,7 +180,7 @@ def test_future_cancel_drops_a_queued_job(sge: None, tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the call was never handed to SGE"
             time.sleep(0.05)
         assert future.cancel() and future.cancelled()
-        done, _ = cf.wait([future], timeout=5)
+        done, _ = cf.wait([future], timeout=60)  # at once: the timeout is a hang guard
         assert done == {future}
         with pytest.raises(cf.CancelledError):
             future.result()
