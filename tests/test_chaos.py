@@ -22,9 +22,6 @@ import pytest
 
 from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
 
-#: A worker this young (seconds) has surely not reported ready: python alone takes ~100 ms
-#: to import batchpool.worker.
-FRESH = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,22 +74,39 @@ def sigkill(pid: int) -> bool:
     return True
 
 
-def kill_fresh_workers(wanted: int, deadline: float, stop: Callable[[], bool]) -> tuple[int, int]:
-    """SIGKILL every new pool worker the moment it appears, until ``wanted`` of them were
-    killed while younger than FRESH (so before they were ready), ``deadline`` passes or
-    ``stop()`` is true. Returns ``(killed while fresh, killed in all)``."""
-    seen: set[int] = set()
-    fresh = killed = 0
-    while fresh < wanted and time.monotonic() < deadline and not stop():
-        for pid, age in pool_workers().items():
-            if pid in seen:
+#: Put first on the workers' PYTHONPATH, this holds each new pool worker at start-up,
+#: before it imports ``batchpool.worker`` (so before it can report ready), until the file
+#: ``go`` appears in $CHAOS_HOLD; it says so first with a file ``held-<pid>`` there.
+HOLD_AT_START = """
+import os, time
+if b"batchpool.worker" in open("/proc/self/cmdline", "rb").read():
+    folder = os.environ["CHAOS_HOLD"]
+    open(os.path.join(folder, "held-%d" % os.getpid()), "w").close()
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.005)
+"""
+
+
+def kill_held_workers(
+    folder: Path, wanted: int, deadline: float, stop: Callable[[], bool]
+) -> tuple[int, list[int]]:
+    """SIGKILL each pool worker held at start-up (see HOLD_AT_START), until ``wanted`` of
+    them were killed, ``deadline`` passes or ``stop()`` is true. Returns how many were
+    killed, and the pids of any that were gone before their kill."""
+    seen: set[str] = set()
+    killed, missed = 0, []
+    while killed < wanted and time.monotonic() < deadline and not stop():
+        for held in sorted(folder.glob("held-*")):
+            if held.name in seen:
                 continue
-            seen.add(pid)
+            seen.add(held.name)
+            pid = int(held.name.split("-")[1])
             if sigkill(pid):
                 killed += 1
-                fresh += age < FRESH
-        time.sleep(0.001)
-    return fresh, killed
+            else:
+                missed.append(pid)
+        time.sleep(0.005)
+    return killed, missed
 
 
 class Chaos(threading.Thread):
@@ -125,17 +139,29 @@ def assert_pool_works(ex: BatchPoolExecutor, n: int) -> None:
 
 @pytest.mark.timeout(120)
 def test_killing_fresh_workers_before_they_are_ready_does_not_break_the_pool(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before the pool told kills from failures to start, three workers killed before
     they were ready made every later call fail with "local worker processes ... exit
     before they are ready"."""
-    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as ex:
+    # Each new worker waits at start-up until the test lets it go: killed there, it is
+    # surely not ready, however fast or slow the machine.
+    hold, held = tmp_path / "hold", tmp_path / "held"
+    hold.mkdir()
+    held.mkdir()
+    (hold / "sitecustomize.py").write_text(HOLD_AT_START)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hold), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("CHAOS_HOLD", str(held))
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path / "runs")) as ex:
         future = ex.submit(square, 7)  # starts the pool; the call waits for a ready worker
         # Stop early if the call fails: its error then says why the pool gave up.
-        fresh, killed = kill_fresh_workers(6, time.monotonic() + 20, stop=future.done)
+        killed, missed = kill_held_workers(held, 6, time.monotonic() + 60, stop=future.done)
+        assert not future.done(), future.exception()  # no worker got past its hold
+        assert (killed, missed) == (6, []), "workers held at start-up were not killed there"
+        (held / "go").touch()  # the next workers start and report ready
         assert future.result(timeout=60) == 49
-        assert fresh >= 6, f"only {fresh} of {killed} workers were killed before ready"
         results = list(ex.map(square, range(200), timeout=60))
         assert results == [x * x for x in range(200)]
 
