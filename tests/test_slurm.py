@@ -295,8 +295,10 @@ def test_requeue_reruns_the_attempt_in_place(slurm: str, tmp_path: Path) -> None
     marks.mkdir()
 
     def slow(x: int) -> int:
+        first = not any(marks.iterdir())
         (marks / f"{os.getpid()}-{time.time()}").touch()
-        time.sleep(4)
+        if first:  # still in the call when the requeue kills it, however late that is
+            time.sleep(600)
         return x + 1
 
     backend = Recording(log_dir=tmp_path / "slurm-logs", requeue=True)
