@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ import pytest
 from services import HOST, _die_with_parent, _prctl, free_port
 
 from batchpool import BatchPoolExecutor
+from batchpool.errors import BackendError
 
 pytestmark = pytest.mark.dask
 
@@ -217,10 +219,21 @@ def start_map(ex: BatchPoolExecutor, folder: Path) -> tuple[threading.Thread, di
     return thread, out
 
 
-def started_cluster(procs: DaskProcesses) -> Any:
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def started_cluster(procs: DaskProcesses, timeout: float = START_TIMEOUT) -> Any:
+    """A scheduler, a worker, and a client whose ``timeout`` is also how long it tries
+    to reconnect when it loses the scheduler."""
     procs.start_scheduler()
     procs.start_worker()
-    client = distributed.Client(procs.address, set_as_default=False, timeout=START_TIMEOUT)
+    wait_until("the scheduler listens", lambda: accepts(procs.port))
+    client = distributed.Client(procs.address, set_as_default=False, timeout=timeout)
     client.wait_for_workers(1, timeout=START_TIMEOUT)
     return client
 
@@ -307,5 +320,53 @@ def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: 
         # scheduler), and its task handed over again found its outcome.
         assert "already has its result, written by an earlier run of its task" in log
         assert "is not started: the scheduler released the task" in log
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(300)
+def test_scheduler_away_longer_than_the_clients_timeout(
+    dask_processes: DaskProcesses, tmp_path: Path
+) -> None:
+    procs = dask_processes
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+    client = started_cluster(procs, timeout=3)  # it gives up reconnecting after 3 s
+    try:
+        [old_pid] = worker_pids(client)
+        old_worker = procs.workers[0]
+        storage = tmp_path / "store"
+        backend = DaskBackend(client)
+        with BatchPoolExecutor(backend=backend, storage=str(storage), cleanup_bucket=False) as ex:
+            thread, out = start_map(ex, marks_dir)
+            done_before = mid_map(marks_dir, storage)
+            procs.kill_scheduler()
+            # The client tries to reconnect for its timeout, then closes itself.
+            wait_until("the client closed itself", lambda: client.status == "closed")
+            # While no scheduler answers, the backend cannot tell the jobs' states: the
+            # executor is told so (transient), and keeps asking, reading the store.
+            with pytest.raises(BackendError) as info:
+                backend.status([])
+            assert info.value.transient, info.value
+            procs.start_scheduler()
+            procs.start_worker()
+            thread.join(240)
+            assert not thread.is_alive(), "the map still waits\n" + procs.logs()
+            assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
+            assert out["results"] == [x * 10 for x in range(CALLS)]
+            # The backend made a client of its own to the scheduler's address.
+            assert backend.client is not client and backend.client.status == "running"
+        made = backend.client
+        backend.close()  # a backend passed in is closed by its owner
+        assert made.status == "closed"  # with the client it made
+        counts = runs(marks_dir)
+        assert done_before and all(counts[x] == 1 for x in done_before), counts
+        assert counts == dict.fromkeys(range(CALLS), 1), counts
+        assert (
+            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
+            == ["1"] * CALLS
+        )
+        wait_until("the old worker exited", lambda: old_worker.poll() is not None)
+        wait_until("the old worker process ended", lambda: not alive(old_pid))
     finally:
         client.close()

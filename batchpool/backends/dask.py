@@ -36,8 +36,15 @@ calls only when the first run never began. A task still waiting in a worker for
 the job before it when that worker starts closing, or when the scheduler releases
 it (its client went away), does not start its job. A first run that died (or runs
 on another machine, which a task cannot check) counts as one lost attempt, as
-above. So no call runs twice because the client lost sight of it, and a client
-that cannot reconnect (it closes itself) ends its jobs as lost.
+above. So no call runs twice because the client lost sight of it.
+
+A client that could not reconnect within its ``timeout`` closes itself (and
+cancels its futures again). The backend then makes a new client to the same
+scheduler address (closed by ``close``, whoever made the first one) and hands
+the jobs over through it; while no scheduler answers there, ``status`` and
+``submit`` raise a transient ``BackendError``, so the executor takes the jobs'
+states for unknown, reads the store meanwhile, and asks again (within its
+``engine_outage_grace``).
 
 Within one Dask worker process the jobs run one at a time: a job sets its
 environment variables and captures file descriptors 1 and 2, which belong to
@@ -76,6 +83,8 @@ EXPLAIN_MEMORY = 10_000
 MAX_RESUBMITS = 5
 #: Seconds between looks at an earlier run of the same attempt that still runs.
 EARLIER_RUN_POLL = 1.0
+#: Seconds a new client, made when one closed itself, may take to reach the scheduler.
+RECONNECT_TIMEOUT = 10.0
 
 # One job at a time per worker process: environment and fds 1/2 are process-wide.
 _job_lock = threading.Lock()
@@ -286,6 +295,13 @@ class DaskBackend(Backend):
         # job id -> what submit gave the task, to hand it over again (see the notes).
         self._tasks: dict[str, tuple[tuple[str, ...], dict[str, str], str | None]] = {}
         self._resubmits: dict[str, int] = {}
+        # Jobs whose client closed itself before they were handed over again: status()
+        # makes a new client to the same scheduler and hands them over.
+        self._orphans: set[str] = set()
+        self._address: str | None = _scheduler_address(self._client)
+        self._first_client = self._client  # closed by close() only if made here
+        self._made_clients: list[Any] = []  # made again after a client closed itself
+        self._reconnect_lock = threading.Lock()
         self._notify: dict[str, Notify | None] = {}
         self._ended: dict[str, JobState] = {}
         self._why: dict[str, str] = {}
@@ -311,26 +327,66 @@ class DaskBackend(Backend):
         with self._lock:
             if self._closed:
                 raise BackendError("this DaskBackend is closed; create a new one to run jobs")
+        self._live_client()  # a BackendError (transient) while the scheduler is away
         ids = [f"batchpool-{spec.name}-{uuid.uuid4().hex[:8]}" for spec in jobs]
         futures = []
-        for job_id, spec in zip(ids, jobs, strict=True):
-            task = (tuple(spec.args), spec.environment(), spec.resources.working_dir)
+        try:
+            for job_id, spec in zip(ids, jobs, strict=True):
+                task = (tuple(spec.args), spec.environment(), spec.resources.working_dir)
+                with self._lock:
+                    self._notify[job_id] = notify
+                    self._tasks[job_id] = task
+                future = self._submit_task(job_id, job_id, task)
+                with self._lock:
+                    self._futures[job_id] = future
+                futures.append(future)
+        except Exception as exc:  # the client closed itself meanwhile: none of them ran
             with self._lock:
-                self._notify[job_id] = notify
-                self._tasks[job_id] = task
-            future = self._submit_task(job_id, job_id, task)
-            with self._lock:
-                self._futures[job_id] = future
-            futures.append(future)
+                gone = [self._futures.pop(j) for j in ids if j in self._futures]
+                for job_id in ids:
+                    self._notify.pop(job_id, None)
+                    self._tasks.pop(job_id, None)
+            _cancel(gone)
+            raise BackendError(
+                f"the Dask client could not hand the jobs to its scheduler: "
+                f"{type(exc).__name__}: {exc}",
+                transient=self._client.status in ("connecting", "closing", "closed"),
+            ) from exc
         for job_id, future in zip(ids, futures, strict=True):
             self._watch(job_id, future)
         return ids
+
+    def _live_client(self) -> Any:
+        """The client; a new one to the same scheduler when it closed itself (it could
+        not reconnect within its ``timeout``). A transient ``BackendError`` while the
+        scheduler cannot be reached, so the executor asks again (engine_outage_grace)."""
+        with self._reconnect_lock:
+            client = self._client
+            if client.status not in ("closing", "closed") or self._closed:
+                return client
+            if self._address is None:
+                raise BackendError("the Dask client is closed, and its scheduler is unknown")
+            import distributed
+
+            try:
+                new = distributed.Client(
+                    self._address, set_as_default=False, timeout=RECONNECT_TIMEOUT
+                )
+            except Exception as exc:
+                raise BackendError(
+                    f"the Dask client lost its scheduler at {self._address} and closed itself; "
+                    f"a new client cannot reach it: {type(exc).__name__}: {exc}",
+                    transient=True,
+                ) from exc
+            self._client = new
+            self._made_clients.append(new)
+            return new
 
     def _submit_task(
         self, job_id: str, key: str, task: tuple[tuple[str, ...], dict[str, str], str | None]
     ) -> Any:
         args, env, working_dir = task
-        return self._client.submit(
+        return self._live_client().submit(
             _run_job,
             args,
             env,
@@ -345,6 +401,7 @@ class DaskBackend(Backend):
         future.add_done_callback(lambda f, job_id=job_id: self._done(job_id, f))
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        self._adopt_orphans()  # a BackendError (transient) while the scheduler is away
         states: dict[str, JobState] = {}
         with self._lock:
             for job_id in job_ids:
@@ -364,8 +421,7 @@ class DaskBackend(Backend):
                     states[job_id] = JobState.PENDING
                 elif status == "error":
                     states[job_id] = JobState.FAILED  # the callback tells LOST from FAILED
-                elif status == "lost" or self._client.status == "closed":
-                    # Lost, or a closed client's task that it will never hear of.
+                elif status == "lost":
                     states[job_id] = JobState.LOST
                 else:
                     states[job_id] = JobState.PENDING
@@ -378,8 +434,7 @@ class DaskBackend(Backend):
         # for a lost scheduler and hand the jobs over again.
         for job_id in job_ids:
             self._end(job_id, JobState.CANCELLED, "cancelled by batchpool")
-        if futures:
-            self._client.cancel(futures)
+        _cancel(futures)
 
     def close(self) -> None:
         with self._lock:
@@ -387,13 +442,14 @@ class DaskBackend(Backend):
                 return
             self._closed = True
             futures = list(self._futures.values())
-        if futures and self._client.status == "running":
-            try:
-                self._client.cancel(futures)
-            except Exception:
-                pass
+        try:
+            _cancel(futures)
+        except Exception:
+            pass
+        for client in self._made_clients:
+            client.close()
         if self._owns_client:
-            self._client.close()
+            self._first_client.close()
         if self._cluster is not None:
             self._cluster.close()
 
@@ -402,7 +458,7 @@ class DaskBackend(Backend):
             return self._why.get(job_id, "")
 
     def __repr__(self) -> str:
-        return f"DaskBackend({self._client.scheduler.address if self._client else None!r})"
+        return f"DaskBackend({self._address!r})"
 
     # -- a task ended ---------------------------------------------------------------------
 
@@ -444,34 +500,64 @@ class DaskBackend(Backend):
         why = f"the Dask client cancelled the task ({reason})"
         with self._lock:
             resubmits = self._resubmits.get(job_id, 0)
-            task = self._tasks.get(job_id)
+            known = job_id in self._tasks
             closed = self._closed
-        status = self._client.status
-        if closed or task is None:
+        if closed or not known:
             self._end(job_id, JobState.CANCELLED, why)
-            return
-        if status in ("closing", "closed") or resubmits >= MAX_RESUBMITS:
-            if resubmits >= MAX_RESUBMITS:
-                more = f"; handed over {resubmits} times already"
-            else:
-                more = f"; the client is {status}: it did not reconnect"
-            self._end(job_id, JobState.LOST, why + more, why + more)
+        elif resubmits >= MAX_RESUBMITS:
+            more = f"{why}; handed over {resubmits} times already"
+            self._end(job_id, JobState.LOST, more, more)
+        elif self._client.status in ("closing", "closed"):
+            self._orphan(job_id)  # it could not reconnect: status() makes a new client
+        else:
+            self._hand_over(job_id, why)
+
+    def _orphan(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._notify and job_id not in self._ended:
+                self._orphans.add(job_id)
+
+    def _adopt_orphans(self) -> None:
+        """Hand over again the jobs of a client that closed itself, through a new one."""
+        with self._lock:
+            if not self._orphans and self._client.status not in ("closing", "closed"):
+                return
+        self._live_client()
+        with self._lock:
+            orphans, self._orphans = self._orphans, set()
+        for job_id in sorted(orphans):  # the order they were submitted in
+            self._hand_over(job_id, "the Dask client closed itself and was made again")
+
+    def _hand_over(self, job_id: str, why: str) -> None:
+        """Submit the same job (the same attempt) again, under a new key."""
+        with self._lock:
+            resubmits = self._resubmits.get(job_id, 0)
+            task = self._tasks.get(job_id)
+        if task is None:  # it ended meanwhile
             return
         try:
             future = self._submit_task(job_id, f"{job_id}-again{resubmits + 1}", task)
-        except Exception as exc:  # the client closed meanwhile
+        except BackendError as exc:
+            if exc.transient:  # the client closed itself meanwhile
+                self._orphan(job_id)
+                return
+            detail = f"{why}; handing it over again failed: {exc}"
+            self._end(job_id, JobState.LOST, detail, detail)
+            return
+        except Exception as exc:
+            if self._client.status in ("closing", "closed"):
+                self._orphan(job_id)
+                return
             detail = f"{why}; handing it over again failed: {type(exc).__name__}: {exc}"
             self._end(job_id, JobState.LOST, detail, detail)
             return
         with self._lock:
-            if job_id in self._ended or job_id not in self._notify:
-                ended = True
-            else:
-                ended = False
+            ended = job_id in self._ended or job_id not in self._notify
+            if not ended:
                 self._resubmits[job_id] = resubmits + 1
                 self._futures[job_id] = future
         if ended:  # cancelled by batchpool in between
-            self._client.cancel([future])
+            _cancel([future])
             return
         self._watch(job_id, future)
 
@@ -492,6 +578,7 @@ class DaskBackend(Backend):
             self._futures.pop(job_id, None)  # releases the task on the cluster
             self._tasks.pop(job_id, None)
             self._resubmits.pop(job_id, None)
+            self._orphans.discard(job_id)
             notify = self._notify.pop(job_id)
             if detail or why:
                 self._why[job_id] = detail or why
@@ -506,3 +593,22 @@ def _cancel_reason(future: Any) -> str:
     exception = getattr(getattr(future, "_state", None), "exception", None)
     reason = getattr(exception, "reason", None)
     return str(reason) if reason else "no reason given"
+
+
+def _cancel(futures: Sequence[Any]) -> None:
+    """Cancel Dask futures, through the client each belongs to (one message per client)."""
+    by_client: dict[int, tuple[Any, list[Any]]] = {}
+    for future in futures:
+        by_client.setdefault(id(future.client), (future.client, []))[1].append(future)
+    for client, group in by_client.values():
+        if client.status in ("running", "connecting"):
+            client.cancel(group)
+
+
+def _scheduler_address(client: Any) -> str | None:
+    """The address of the scheduler ``client`` talks to, if it says."""
+    try:
+        address = client.scheduler.address
+    except AttributeError:
+        return None
+    return address if isinstance(address, str) else None
