@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -78,24 +79,32 @@ def die(x: int) -> int:
 
 
 class QueriesRecorded(SGEBackend):
-    """SGEBackend that checks each status query against the jobs in flight: handed over,
-    and not yet reported ended by an earlier query."""
+    """SGEBackend that checks each status query: it must ask about every job handed over
+    before the previous query answered (so before the watcher asked again) that has not
+    ended since."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.in_flight: set[str] = set()
-        self.missed: list[set[str]] = []  # jobs in flight that a query left out
+        self._lock = threading.Lock()
+        self.handed: set[str] = set()
+        self.known: set[str] = set()  # handed over before the last query answered
+        self.missed: list[set[str]] = []  # jobs that a query should have asked about
 
     def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
         ids = super().submit(jobs, notify)
-        self.in_flight.update(ids)
+        with self._lock:
+            self.handed.update(ids)
         return ids
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        if self.in_flight - set(job_ids):
-            self.missed.append(self.in_flight - set(job_ids))
         states = super().status(job_ids)
-        self.in_flight -= {job for job, state in states.items() if state.is_final}
+        with self._lock:
+            known, self.known = self.known, set(self.handed)
+        left = known - set(job_ids)
+        if left:  # ended already? (one more qstat, for the check only)
+            ended = {job for job, state in super().status(list(left)).items() if state.is_final}
+            if left - ended:
+                self.missed.append(left - ended)
         return states
 
 
