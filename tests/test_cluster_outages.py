@@ -1,0 +1,129 @@
+"""A real scheduler restart: slurmctld or sge_qmaster stopped while jobs run, then started.
+
+``bash ci/slurm.sh stop-controller`` (``ci/sge.sh``) stops only the controller, by its
+PID file: slurmd (sge_execd) and the jobs it runs carry on, and every client command
+fails meanwhile (``sbatch``/``squeue`` with "Unable to contact slurm controller" after
+~9-18 s each, ``qsub``/``qstat`` with "unable to send message to qmaster" at once).
+``start-controller`` starts it again; it reloads its saved state and learns from the
+node what ended meanwhile.
+
+The controller stays down longer than the old rule took to give up (every job in
+flight lost after 10 failed status queries in a row, then run again while the old one
+still ran; a failed submission failed its calls at once), and far shorter than
+``engine_outage_grace``. That rule counted queries, not seconds: ~20 s on SGE, whose
+qstat fails at once, but ~200 s on Slurm, whose squeue takes ~18 s to fail, hence a
+longer outage there. The tests assert counts, never times: each call ran once (one line
+in its mark file), in its first attempt (one ``.1.start`` marker per chunk in the store,
+none of a second attempt), and every result came back in order. The controller is
+started again in a ``finally``, so a failing test leaves the cluster as it found it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
+from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
+
+from batchpool import BatchPoolExecutor
+from batchpool.backends.base import Backend
+from batchpool.backends.sge import SGEBackend
+from batchpool.backends.slurm import SlurmBackend
+
+CI = Path(__file__).resolve().parent.parent / "ci"
+#: Seconds the controller stays down: past the old rule as it plays out on each engine,
+#: well within the grace. qstat fails at once, so 10 failed queries took ~20 s at the 2 s
+#: poll ceiling; squeue takes ~18 s to fail (sbatch ~9 s), so on Slurm they took ~200 s.
+SGE_OUTAGE = 30
+SLURM_OUTAGE = 240
+#: Seconds each call runs: longer than stopping the controller takes (~1 s for
+#: slurmctld, ~9 s for a controlled shutdown of sge_qmaster), so the first calls are
+#: still running when it is gone and end while it is down.
+NAP = 15
+ITEMS = list(range(6))
+
+
+def mark_and_nap(marks: str, x: int) -> int:
+    """One line in ``marks/<x>`` per run of the call, then a nap."""
+    with open(os.path.join(marks, str(x)), "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(NAP)
+    return x * x
+
+
+def controller(script: str, action: str) -> None:
+    """``bash ci/<script> stop-controller|start-controller``, failing with its output."""
+    proc = subprocess.run(
+        ["bash", str(CI / script), action],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"ci/{script} {action}: {proc.stdout}{proc.stderr}"
+
+
+@contextmanager
+def controller_down(script: str) -> Iterator[None]:
+    """The controller is stopped inside the block and always started again after it."""
+    try:
+        controller(script, "stop-controller")
+        yield
+    finally:
+        controller(script, "start-controller")
+
+
+def runs_per_call(marks: Path) -> dict[int, int]:
+    return {int(p.name): len(p.read_text().splitlines()) for p in marks.iterdir()}
+
+
+def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with BatchPoolExecutor(
+        backend=backend,
+        storage=str(tmp_path / "store"),
+        max_workers=2,
+        engine_outage_grace=600,
+        cleanup_bucket=False,  # the start markers are read after the executor closed
+    ) as bpe:
+        # Without buffersize every chunk is handed to the executor now; two run at once.
+        results = bpe.map(
+            functools.partial(mark_and_nap, str(marks)), ITEMS, chunksize=1, timeout=outage + 300
+        )
+        deadline = time.monotonic() + 120
+        while not any(marks.iterdir()):
+            assert time.monotonic() < deadline, "no call started within 120 s"
+            time.sleep(0.2)
+        with controller_down(script):
+            time.sleep(outage)  # the fault itself, not an assertion
+        assert list(results) == [x * x for x in ITEMS]
+        run_url = bpe.run_url
+    assert runs_per_call(marks) == dict.fromkeys(ITEMS, 1)  # each call ran once
+    # map's chunks have no future of their own to ask for ``job.attempt``; the store
+    # has one start marker per job that ran: ``events/<chunk>.<attempt>.start``.
+    starts = sorted(p.name for p in Path(run_url, "events").glob("*.start"))
+    attempts = [name.rsplit(".", 2)[1] for name in starts]
+    assert attempts == ["1"] * len(ITEMS), starts  # one job per chunk, no retry
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm")
+@pytest.mark.timeout(SLURM_OUTAGE + 400)
+def test_slurmctld_restart_costs_no_run_and_no_result(tmp_path: Path) -> None:
+    backend = SlurmBackend(log_dir=tmp_path / "slurm-logs")
+    map_through_a_restart(backend, "slurm.sh", SLURM_OUTAGE, tmp_path)
+
+
+@pytest.mark.sge
+@pytest.mark.usefixtures("sge")
+@pytest.mark.timeout(SGE_OUTAGE + 400)
+def test_sge_qmaster_restart_costs_no_run_and_no_result(tmp_path: Path) -> None:
+    map_through_a_restart(SGEBackend(), "sge.sh", SGE_OUTAGE, tmp_path)
