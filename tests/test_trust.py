@@ -231,7 +231,7 @@ def start_dead_run(tmp_path: Path, *, kill_worker: bool) -> DeadRun:
     marker = read_json(starts[0])
     if kill_worker:
         os.kill(marker["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a hang guard: SIGKILL ends it at once
         while process_started(marker["pid"]) is not None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
