@@ -10,7 +10,11 @@
 #                           it reloads its spool, so it knows the jobs it had
 #
 # Both controller commands are idempotent (a stopped qmaster stays stopped, a running one
-# is left as it is). They are the engine fault of tests/test_cluster_outages.py.
+# is left as it is). They are the engine fault of tests/test_cluster_outages.py. While
+# qmaster is held down (stop-controller leaves /var/run/gridengine/qmaster.held naming its
+# caller, $BATCHPOOL_CONTROLLER_HOLDER or the parent process; start-controller removes
+# it), a plain `bash ci/sge.sh` from another test session waits (up to 15 min, or until
+# that process is gone) instead of cutting the outage short.
 #
 # Runs as root, without systemd, and is idempotent: a second run finds the packages
 # installed and the daemons answering, re-applies the (same) settings and checks again.
@@ -65,6 +69,13 @@ if [ "${1:-start}" = stop ]; then
     stop_daemon "$MASTER_PID" sge_qmaster
     exit 0
 fi
+HELD=$RUN_DIR/qmaster.held # the PID of whoever holds sge_qmaster down (stop-controller)
+
+held_by() { # print the live process that holds sge_qmaster down, if any
+    local pid
+    [ -s "$HELD" ] && pid=$(cat "$HELD") && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
 live() { # live PIDFILE: like running, but a zombie (PID 1 here may not reap it) is gone
     local state
     [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [ "${state:0:1}" != Z ]
@@ -91,6 +102,8 @@ stop_qmaster() { # SIGTERM, then SIGKILL after 30 s (a controlled shutdown takes
 }
 
 if [ "${1:-}" = stop-controller ]; then
+    mkdir -p "$RUN_DIR"
+    echo "${BATCHPOOL_CONTROLLER_HOLDER:-$PPID}" >"$HELD" # before the stop: no one restarts it
     if live "$MASTER_PID"; then
         stop_qmaster
     else
@@ -100,6 +113,7 @@ if [ "${1:-}" = stop-controller ]; then
     exit 0
 fi
 if [ "${1:-}" = start-controller ]; then
+    trap 'rm -f "$HELD"' EXIT # held no more, whether qmaster comes back or not
     [ -f "$SGE_ROOT/$SGE_CELL/common/bootstrap" ] || die "SGE is not set up: run \`bash ci/sge.sh\` first"
     if live "$MASTER_PID"; then
         log "sge_qmaster already running (pid $(cat "$MASTER_PID"))"
@@ -120,6 +134,19 @@ fi
 if [ "$(id -u)" != 0 ]; then
     die "run me as root (I install packages and start the SGE daemons)"
 fi
+
+# A test holds qmaster down on purpose (stop-controller): starting it now would end that
+# outage early. Wait until the holder starts it again, or is gone.
+waited=0
+while holder=$(held_by); do
+    if [ "$waited" -ge 900 ]; then
+        log "sge_qmaster still held down by process $holder after 900 s: starting it anyway"
+        break
+    fi
+    [ "$waited" -gt 0 ] || log "sge_qmaster is held down by process $holder (stop-controller): waiting"
+    sleep 1
+    waited=$((waited + 1))
+done
 
 # -- install --------------------------------------------------------------------------------
 if ! command -v qsub >/dev/null || [ ! -x /usr/sbin/sge_qmaster ] || [ ! -x /usr/sbin/sge_execd ]; then

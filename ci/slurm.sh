@@ -14,6 +14,10 @@
 # Both controller commands are idempotent: stopping a stopped controller, or starting a
 # running one, does nothing and succeeds. They are the engine fault of
 # tests/test_cluster_outages.py (a scheduler restart, with jobs running meanwhile).
+# While the controller is held down (stop-controller leaves <root>/run/slurmctld.held
+# naming its caller, $BATCHPOOL_CONTROLLER_HOLDER or the parent process, and
+# start-controller removes it), a plain `bash ci/slurm.sh` from another test session
+# waits (up to 15 min, or until that process is gone) instead of cutting the outage short.
 #
 # Everything lives under $BATCHPOOL_SLURM_ROOT (default /var/lib/batchpool-slurm). The last
 # line printed is `export SLURM_CONF=<root>/slurm.conf`; the path is also in <root>/slurm_conf_path.
@@ -54,6 +58,13 @@ if [ "${1:-}" = "stop" ]; then
     exit 0
 fi
 
+HELD="$ROOT/run/slurmctld.held"  # the PID of whoever holds slurmctld down (stop-controller)
+
+held_by() {  # print the live process that holds slurmctld down, if any
+    local pid
+    [ -s "$HELD" ] && pid=$(cat "$HELD") && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
 running() {  # running PIDFILE: like alive, but a zombie (PID 1 here may not reap it) is gone
     local state
     [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [ "${state:0:1}" != Z ]
@@ -73,6 +84,8 @@ stop_controller() {  # SIGTERM (slurmctld saves its state), then SIGKILL after 1
 }
 
 if [ "${1:-}" = "stop-controller" ]; then
+    mkdir -p "$ROOT/run"
+    echo "${BATCHPOOL_CONTROLLER_HOLDER:-$PPID}" >"$HELD"  # before the stop: no one restarts it
     if running "$ROOT/run/slurmctld.pid"; then
         stop_controller
         say "slurmctld stopped (slurmd and the jobs it runs are left alone)"
@@ -85,6 +98,7 @@ fi
 
 if [ "${1:-}" = "start-controller" ]; then
     if [ ! -s "$CONF" ]; then
+        rm -f "$HELD"
         say "no $CONF: run \`bash ci/slurm.sh\` first (start-controller only restarts slurmctld)"
         exit 1
     fi
@@ -98,12 +112,14 @@ if [ "${1:-}" = "start-controller" ]; then
     deadline=$((SECONDS + 60))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if squeue --noheader >/dev/null 2>&1; then
+            rm -f "$HELD"
             say "slurmctld answers (SLURM_CONF=$CONF)"
             echo "export SLURM_CONF=$CONF"
             exit 0
         fi
         sleep 0.1
     done
+    rm -f "$HELD"
     say "slurmctld did not answer squeue within 60 s; its log says:"
     tail -n 20 "$ROOT/log/slurmctld.log" >&2 || true
     exit 1
@@ -113,6 +129,19 @@ if [ "$(id -u)" != 0 ]; then
     say "must run as root (it installs packages and starts daemons)"
     exit 1
 fi
+
+# A test holds slurmctld down on purpose (stop-controller): starting it now would end
+# that outage early. Wait until the holder starts it again, or is gone.
+waited=0
+while holder=$(held_by); do
+    if [ "$waited" -ge 900 ]; then
+        say "slurmctld still held down by process $holder after 900 s: starting it anyway"
+        break
+    fi
+    [ "$waited" -gt 0 ] || say "slurmctld is held down by process $holder (stop-controller): waiting"
+    sleep 1
+    waited=$((waited + 1))
+done
 
 node_idle() {
     sinfo --noheader --format='%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)'
