@@ -34,6 +34,7 @@ from services import HOST, _die_with_parent, _prctl, free_port
 
 from batchpool import BatchPoolExecutor
 from batchpool.errors import BackendError
+from batchpool.processes import process_started
 
 pytestmark = pytest.mark.dask
 
@@ -99,6 +100,12 @@ class DaskProcesses:
         self.workers.append(worker)
         return worker
 
+    def kill_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a ``dask worker``, its nanny's worker process with it (its group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(STOP_TIMEOUT)
+
     def kill_scheduler(self) -> None:
         assert self.scheduler is not None
         self.scheduler.kill()  # SIGKILL: no goodbye to the client or the workers
@@ -141,10 +148,13 @@ def dask_processes(tmp_path: Path) -> Iterator[DaskProcesses]:
 
 
 def mark_and_sleep(x: int, folder: str, seconds: float) -> int:
+    """Mark the start, sleep, wait while the file ``hold`` is there, mark the end."""
     path = os.path.join(folder, f"{x}.runs")
     with open(path, "a") as f:
         f.write(f"start {os.getpid()}\n")
     time.sleep(seconds)
+    while os.path.exists(os.path.join(folder, "hold")):
+        time.sleep(0.05)
     with open(path, "a") as f:
         f.write(f"end {os.getpid()}\n")
     return x * 10
@@ -188,11 +198,23 @@ def worker_pids(client: Any) -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie that nobody reaped has ended)."""
+    return process_started(pid) is not None
+
+
+@contextlib.contextmanager
+def executor(backend: DaskBackend, storage: Path) -> Iterator[BatchPoolExecutor]:
+    """An executor that waits for its calls when the block ends well, and does not
+    when it raised (a failed check must not wait on jobs the outage left behind)."""
+    ex = BatchPoolExecutor(
+        backend=backend, storage=str(storage), cleanup_bucket=False, engine_outage_grace=120
+    )
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        yield ex
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
 
 
 def start_map(ex: BatchPoolExecutor, folder: Path) -> tuple[threading.Thread, dict[str, Any]]:
@@ -248,17 +270,22 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
         [old_pid] = worker_pids(client)
         old_worker = procs.workers[0]
         storage = tmp_path / "store"
-        with BatchPoolExecutor(
-            backend=DaskBackend(client), storage=str(storage), cleanup_bucket=False
-        ) as ex:
+        with executor(DaskBackend(client), storage) as ex:
             thread, out = start_map(ex, marks_dir)
             done_before = mid_map(marks_dir, storage)
+            (marks_dir / "hold").touch()  # the running call ends when the test says
             running = set(runs(marks_dir)) - done_before
             procs.kill_scheduler()
             procs.start_scheduler()  # the same port
-            # What a supervisor of the workers does, while the old one finishes its job.
+            # What a supervisor of the workers does, while the old one runs its job.
             # One thread: it takes the tasks in the order they were handed over again.
             new_worker = procs.start_worker(threads=1)
+            waiting = f"still runs in process {old_pid} of this machine"
+            wait_until(
+                "the job handed over again waits for the old worker's run",
+                lambda: waiting in procs.worker_log(new_worker),
+            )
+            (marks_dir / "hold").unlink()
             thread.join(240)
             assert not thread.is_alive(), "the map still waits\n" + procs.logs()
             assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
@@ -271,7 +298,7 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
         assert counts == dict.fromkeys(range(CALLS), 1), counts
         [ran_through] = running
         assert all(line.endswith(f" {old_pid}") for line in marks(marks_dir)[ran_through])
-        assert f"still runs in process {old_pid} of this machine" in procs.worker_log(new_worker)
+        assert "already has its result" in procs.worker_log(new_worker)
         # A task that waited in the old worker for the job before it was not started.
         assert "is not started: its Dask worker is closing" in procs.worker_log(old_worker)
         # Every result came from attempt 1: the outage cost no attempt.
@@ -287,6 +314,40 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
 
 
 @pytest.mark.timeout(300)
+def test_scheduler_and_the_running_worker_die_mid_map(
+    dask_processes: DaskProcesses, tmp_path: Path
+) -> None:
+    """The machine of the worker goes down with the scheduler: the call it ran is lost,
+    and run again once, as a new attempt; every other call runs once."""
+    procs = dask_processes
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+    client = started_cluster(procs)
+    try:
+        [old_pid] = worker_pids(client)
+        storage = tmp_path / "store"
+        with executor(DaskBackend(client), storage) as ex:
+            thread, out = start_map(ex, marks_dir)
+            done_before = mid_map(marks_dir, storage)
+            [cut] = set(runs(marks_dir)) - done_before
+            procs.kill_scheduler()
+            procs.kill_worker(procs.workers[0])
+            assert not alive(old_pid)
+            procs.start_scheduler()
+            procs.start_worker()
+            thread.join(240)
+            assert not thread.is_alive(), "the map still waits\n" + procs.logs()
+            assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
+            assert out["results"] == [x * 10 for x in range(CALLS)]
+        counts = runs(marks_dir)
+        assert counts == {x: 2 if x == cut else 1 for x in range(CALLS)}, counts
+        attempts = sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
+        assert attempts == ["1"] * (CALLS - 1) + ["2"], attempts
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(300)
 def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: Path) -> None:
     procs = dask_processes
     marks_dir = tmp_path / "marks"
@@ -294,9 +355,7 @@ def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: 
     client = started_cluster(procs)
     try:
         storage = tmp_path / "store"
-        with BatchPoolExecutor(
-            backend=DaskBackend(client), storage=str(storage), cleanup_bucket=False
-        ) as ex:
+        with executor(DaskBackend(client), storage) as ex:
             thread, out = start_map(ex, marks_dir)
             done_before = mid_map(marks_dir, storage)
             # Cut the client's connection; the scheduler and its worker go on.
@@ -337,7 +396,7 @@ def test_scheduler_away_longer_than_the_clients_timeout(
         old_worker = procs.workers[0]
         storage = tmp_path / "store"
         backend = DaskBackend(client)
-        with BatchPoolExecutor(backend=backend, storage=str(storage), cleanup_bucket=False) as ex:
+        with executor(backend, storage) as ex:
             thread, out = start_map(ex, marks_dir)
             done_before = mid_map(marks_dir, storage)
             procs.kill_scheduler()
