@@ -33,6 +33,8 @@ pytestmark = pytest.mark.s3
 #: fail in a row, and the retry deadline (120 s) is not reached.
 OUTAGE_SECONDS = 15.0
 CALLS = 8
+#: Calls submitted while S3 is away: the client's writes of their input wait too.
+EXTRA = (100, 101)
 CALL_SECONDS = 1.5
 WAIT_TIMEOUT = 120.0
 
@@ -122,6 +124,16 @@ def test_s3_stops_listening_mid_map_and_comes_back(
         wait_until("two calls run", lambda: len(count(folder, "start")) >= 2)
         ended_before = {x for x, n in count(folder, "end").items() if n}
         server.stop_listening()
+
+        def submit_more() -> None:  # the client's own writes meet the outage too
+            try:
+                futures = [ex.submit(mark_and_sleep, x, str(folder), 0.1) for x in EXTRA]
+                out["extra"] = [f.result(timeout=240) for f in futures]
+            except BaseException as exc:
+                out["extra error"] = exc
+
+        more = threading.Thread(target=submit_more, name="submit", daemon=True)
+        more.start()
         try:
             time.sleep(OUTAGE_SECONDS)
             # The calls that returned while S3 was away: their outcomes wait in retries.
@@ -129,16 +141,20 @@ def test_s3_stops_listening_mid_map_and_comes_back(
         finally:
             server.start_listening()  # the same port, the same buckets and objects
         thread.join(240)
-        assert not thread.is_alive(), "the map still waits"
+        more.join(240)
+        assert not (thread.is_alive() or more.is_alive()), "the calls still wait"
         assert "error" not in out, repr(out.get("error"))
+        assert "extra error" not in out, repr(out.get("extra error"))
     assert out["results"] == [x * 7 for x in range(CALLS)]
+    assert out["extra"] == [x * 7 for x in EXTRA]
     assert ended_during, "no call returned during the outage: the test proved nothing"
     # Nothing ran twice, nothing was lost: one run per call, every outcome of attempt 1.
-    assert count(folder, "start") == dict.fromkeys(range(CALLS), 1)
-    assert count(folder, "end") == dict.fromkeys(range(CALLS), 1)
+    everyone = [*range(CALLS), *EXTRA]
+    assert count(folder, "start") == dict.fromkeys(everyone, 1)
+    assert count(folder, "end") == dict.fromkeys(everyone, 1)
     fs = make_s3fs(server.endpoint)
     outcomes = fs.find(f"{BUCKET}/{prefix}")
     results = [key for key in outcomes if "/results/" in key]
-    assert len(results) == CALLS, results
+    assert len(results) == len(everyone), results
     assert all(key.endswith(".1.out") for key in results), results
     assert server.outages == 1
