@@ -58,6 +58,7 @@ UNREACHABLE = (
     "failed receiving gdi request",
     "Connection refused",
     "Connection timed out",
+    "Connection reset by peer",
 )
 #: Seconds ``explain`` waits for ``qacct`` to learn of a job that just ended.
 ACCOUNTING_WAIT = 5.0

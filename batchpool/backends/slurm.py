@@ -40,6 +40,7 @@ UNREACHABLE = (
     "Communication connection failure",
     "Connection refused",
     "Connection timed out",
+    "Connection reset by peer",
     "Transport endpoint is not connected",
     "backup controller in standby mode",
     "temporarily unable to accept job",
