@@ -91,7 +91,8 @@ _job_lock = threading.Lock()
 
 
 class DaskJobLost(RuntimeError):
-    """Raised by a task that Dask ran again after the worker running it died."""
+    """Raised by a task that Dask ran again after the worker running it died, or that
+    its worker no longer wants (see ``_abandoned``): batchpool counts a lost attempt."""
 
 
 def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | None = None) -> None:
@@ -193,7 +194,7 @@ def _abandoned() -> str | None:
     except (ImportError, ValueError):  # not in a Dask task
         return None
     if worker.status not in WORKER_ANY_RUNNING:
-        return f"its Dask worker is {worker.status.name} (it lost its scheduler)"
+        return f"its Dask worker is {worker.status.name} (its scheduler is gone, or it shuts down)"
     key = getattr(thread_state, "key", None)
     task = worker.state.tasks.get(key) if key is not None else None
     if task is None or task.state in ("cancelled", "released", "forgotten"):
