@@ -110,18 +110,19 @@ def kill_held_workers(
 
 
 class Chaos(threading.Thread):
-    """SIGKILLs a random live pool worker every ``period`` seconds for ``duration``."""
+    """SIGKILLs a random live pool worker every ``period`` seconds until it has killed
+    ``wanted`` of them (or 120 s have passed: a hang guard)."""
 
-    def __init__(self, period: float, duration: float, seed: int) -> None:
+    def __init__(self, period: float, wanted: int, seed: int) -> None:
         super().__init__(name="chaos", daemon=True)
         self.period = period
-        self.duration = duration
+        self.wanted = wanted
         self.random = random.Random(seed)
         self.kills = 0
 
     def run(self) -> None:
-        end = time.monotonic() + self.duration
-        while time.monotonic() < end:
+        end = time.monotonic() + 120
+        while self.kills < self.wanted and time.monotonic() < end:
             workers = sorted(pool_workers())
             if workers and sigkill(self.random.choice(workers)):
                 self.kills += 1
@@ -170,18 +171,18 @@ def test_killing_fresh_workers_before_they_are_ready_does_not_break_the_pool(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_chaos_kills_random_workers_under_load_and_the_pool_recovers(tmp_path: Path) -> None:
-    """5,000 calls in chunks of 25 while a random worker is killed every 0.3 s for 5 s:
+    """5,000 calls in chunks of 25 while a random worker is killed every 0.3 s, 15 in all:
     a chunk either returns the right results or, killed ``max_attempts`` times, raises
     WorkerLostError; nearly all succeed, none is wrong, and the pool works afterwards."""
     n, chunksize, rounds = 5000, 25, 3
-    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path)) as ex:
+    with BatchPoolExecutor(max_workers=2, storage=str(tmp_path), max_attempts=3) as ex:
         for round_ in range(rounds):
-            chaos = Chaos(period=0.3, duration=5.0, seed=round_)
+            chaos = Chaos(period=0.3, wanted=15, seed=round_)
             chaos.start()
             # One map per chunk: a failed chunk must not hide the outcome of the others.
-            one_chunk = {"chunksize": chunksize, "timeout": 60}
+            one_chunk = {"chunksize": chunksize, "timeout": 300}  # a hang guard
             maps = [
                 (start, ex.map(square_slowly, range(start, start + chunksize), **one_chunk))
                 for start in range(0, n, chunksize)
@@ -195,11 +196,12 @@ def test_chaos_kills_random_workers_under_load_and_the_pool_recovers(tmp_path: P
                     continue
                 assert values == [x * x for x in range(start, start + chunksize)]
                 succeeded += chunksize
-            chaos.join(timeout=30)
+            chaos.join(timeout=150)  # a hang guard; the kills may outlast the maps
             assert not chaos.is_alive()
+            assert chaos.kills == 15, f"round {round_}: only {chaos.kills} workers killed"
             assert succeeded + lost == n
-            assert succeeded >= 0.9 * n, f"round {round_}: {lost} of {n} calls lost"
-            assert chaos.kills >= 10, f"round {round_}: only {chaos.kills} workers killed"
+            # A chunk is lost only when each of its 3 attempts was killed.
+            assert lost <= chaos.kills // 3 * chunksize, f"round {round_}: {lost} calls lost"
             assert_pool_works(ex, 100)
 
 
