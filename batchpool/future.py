@@ -185,6 +185,15 @@ class MapBatch(BatchPoolFuture):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
+        #: How many of its calls raised, once it has a result. Kept apart from the
+        #: result, which map's iterator lets go of as soon as it read it: a waiter can
+        #: wake (and drop it) before the done-callbacks run (progress counts this).
+        self.failed = 0
+
+    def set_result(self, result: Any) -> None:
+        if isinstance(result, BatchOutcome):
+            self.failed = len(result.errors)
+        super().set_result(result)
 
 
 def width(member: BatchPoolFuture) -> int:

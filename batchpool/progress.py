@@ -75,8 +75,8 @@ class Progress:
             failed = 0
         elif batch.exception() is not None:
             failed = n_calls
-        else:
-            failed = len(batch.result().errors)
+        else:  # not from the result: map's iterator may have let go of it already
+            failed = getattr(batch, "failed", 0)
         self._count(n_calls, failed)
 
     def input_done(self) -> None:

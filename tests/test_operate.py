@@ -192,6 +192,31 @@ def test_progress_bar_counts_calls(tmp_path: Path, capsys: pytest.CaptureFixture
         assert capsys.readouterr().err == ""
 
 
+def test_the_bar_counts_a_chunk_after_the_map_let_go_of_its_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``set_result`` wakes map's iterator before the done-callbacks run, and the iterator
+    drops the chunk's values as soon as it read them: the bar's callback must not need
+    them. Its callback waits here until the map was read to the end."""
+    import threading
+
+    import batchpool.progress as progress
+
+    read = threading.Event()
+    counted = progress.Progress._ended
+
+    def after_the_map_was_read(self: progress.Progress, batch: object) -> None:
+        read.wait(60)
+        counted(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(progress.Progress, "_ended", after_the_map_was_read)
+    with BatchPoolExecutor(max_workers=1, storage=str(tmp_path)) as bpe:
+        assert list(bpe.map(int, ["1", "2", "3"], chunksize=3, progress=True)) == [1, 2, 3]
+        read.set()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "failed=0" in err, err
+
+
 # -- re-attach after the client was killed --------------------------------------------------
 
 CLIENT = textwrap.dedent(
