@@ -23,13 +23,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from outages import count, map_in_thread, marks, wait_until
 from services import HOST, _die_with_parent, _prctl, free_port
 
 from batchpool import BatchPoolExecutor
@@ -147,31 +146,6 @@ def dask_processes(tmp_path: Path) -> Iterator[DaskProcesses]:
         processes.stop()
 
 
-def mark_and_sleep(x: int, folder: str, seconds: float) -> int:
-    """Mark the start, sleep, wait while the file ``hold`` is there, mark the end."""
-    path = os.path.join(folder, f"{x}.runs")
-    with open(path, "a") as f:
-        f.write(f"start {os.getpid()}\n")
-    time.sleep(seconds)
-    while os.path.exists(os.path.join(folder, "hold")):
-        time.sleep(0.05)
-    with open(path, "a") as f:
-        f.write(f"end {os.getpid()}\n")
-    return x * 10
-
-
-def marks(folder: Path) -> dict[int, list[str]]:
-    """Each call's mark lines: "start PID" as it began, "end PID" as it returned."""
-    return {int(p.stem): p.read_text().splitlines() for p in folder.glob("*.runs")}
-
-
-def runs(folder: Path) -> dict[int, int]:
-    """How many times each call ran (began), from its mark file."""
-    return {
-        x: sum(line.startswith("start") for line in lines) for x, lines in marks(folder).items()
-    }
-
-
 def mid_map(folder: Path, storage: Path) -> set[int]:
     """Wait until a call returned with its outcome in storage and another one runs;
     the calls that returned by then."""
@@ -181,16 +155,8 @@ def mid_map(folder: Path, storage: Path) -> set[int]:
         ended = {x for x, got in lines.items() if any(g.startswith("end") for g in got)}
         return bool(ended) and len(lines) > len(ended) and any(storage.glob("*/results/*.out"))
 
-    wait_until("a call returned and another one runs", ready)
+    wait_until("a call returned and another one runs", ready, START_TIMEOUT)
     return {x for x, got in marks(folder).items() if any(g.startswith("end") for g in got)}
-
-
-def wait_until(what: str, condition: Any, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def worker_pids(client: Any) -> set[int]:
@@ -215,30 +181,6 @@ def executor(backend: DaskBackend, storage: Path) -> Iterator[BatchPoolExecutor]
         ex.shutdown(wait=False, cancel_futures=True)
         raise
     ex.shutdown(wait=True)
-
-
-def start_map(ex: BatchPoolExecutor, folder: Path) -> tuple[threading.Thread, dict[str, Any]]:
-    """``list(ex.map(...))`` in a thread, so the test can break the engine meanwhile."""
-    out: dict[str, Any] = {}
-
-    def consume() -> None:
-        try:
-            out["results"] = list(
-                ex.map(
-                    mark_and_sleep,
-                    range(CALLS),
-                    [str(folder)] * CALLS,
-                    [CALL_SECONDS] * CALLS,
-                    chunksize=1,
-                    timeout=240,  # no future waits forever: a hang fails here
-                )
-            )
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=consume, name="map", daemon=True)
-    thread.start()
-    return thread, out
 
 
 def accepts(port: int) -> bool:
@@ -271,10 +213,10 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
         old_worker = procs.workers[0]
         storage = tmp_path / "store"
         with executor(DaskBackend(client), storage) as ex:
-            thread, out = start_map(ex, marks_dir)
+            thread, out = map_in_thread(ex, marks_dir, CALLS, CALL_SECONDS)
             done_before = mid_map(marks_dir, storage)
             (marks_dir / "hold").touch()  # the running call ends when the test says
-            running = set(runs(marks_dir)) - done_before
+            running = set(count(marks_dir)) - done_before
             procs.kill_scheduler()
             procs.start_scheduler()  # the same port
             # What a supervisor of the workers does, while the old one runs its job.
@@ -291,7 +233,7 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
             assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
             assert out["results"] == [x * 10 for x in range(CALLS)]
             assert client.status == "running"  # it reconnected to the new scheduler
-        counts = runs(marks_dir)
+        counts = count(marks_dir)
         assert done_before and all(counts[x] == 1 for x in done_before), counts
         # None ran twice: the call that ran through the outage wrote its outcome, which
         # its task, handed over again, found after waiting for the old worker's job.
@@ -327,9 +269,9 @@ def test_scheduler_and_the_running_worker_die_mid_map(
         [old_pid] = worker_pids(client)
         storage = tmp_path / "store"
         with executor(DaskBackend(client), storage) as ex:
-            thread, out = start_map(ex, marks_dir)
+            thread, out = map_in_thread(ex, marks_dir, CALLS, CALL_SECONDS)
             done_before = mid_map(marks_dir, storage)
-            [cut] = set(runs(marks_dir)) - done_before
+            [cut] = set(count(marks_dir)) - done_before
             procs.kill_scheduler()
             procs.kill_worker(procs.workers[0])
             assert not alive(old_pid)
@@ -339,7 +281,7 @@ def test_scheduler_and_the_running_worker_die_mid_map(
             assert not thread.is_alive(), "the map still waits\n" + procs.logs()
             assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
             assert out["results"] == [x * 10 for x in range(CALLS)]
-        counts = runs(marks_dir)
+        counts = count(marks_dir)
         assert counts == {x: 2 if x == cut else 1 for x in range(CALLS)}, counts
         attempts = sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
         assert attempts == ["1"] * (CALLS - 1) + ["2"], attempts
@@ -356,7 +298,7 @@ def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: 
     try:
         storage = tmp_path / "store"
         with executor(DaskBackend(client), storage) as ex:
-            thread, out = start_map(ex, marks_dir)
+            thread, out = map_in_thread(ex, marks_dir, CALLS, CALL_SECONDS)
             done_before = mid_map(marks_dir, storage)
             # Cut the client's connection; the scheduler and its worker go on.
             client.loop.add_callback(client.scheduler_comm.comm.abort)
@@ -365,7 +307,7 @@ def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: 
             assert "error" not in out, f"{out.get('error')!r}\n{procs.logs()}"
             assert out["results"] == [x * 10 for x in range(CALLS)]
             assert client.status == "running"
-        counts = runs(marks_dir)
+        counts = count(marks_dir)
         assert done_before and all(counts[x] == 1 for x in done_before), counts
         assert counts == dict.fromkeys(range(CALLS), 1), counts
         assert (
@@ -397,7 +339,7 @@ def test_scheduler_away_longer_than_the_clients_timeout(
         storage = tmp_path / "store"
         backend = DaskBackend(client)
         with executor(backend, storage) as ex:
-            thread, out = start_map(ex, marks_dir)
+            thread, out = map_in_thread(ex, marks_dir, CALLS, CALL_SECONDS)
             done_before = mid_map(marks_dir, storage)
             procs.kill_scheduler()
             # The client tries to reconnect for its timeout, then closes itself.
@@ -418,7 +360,7 @@ def test_scheduler_away_longer_than_the_clients_timeout(
         made = backend.client
         backend.close()  # a backend passed in is closed by its owner
         assert made.status == "closed"  # with the client it made
-        counts = runs(marks_dir)
+        counts = count(marks_dir)
         assert done_before and all(counts[x] == 1 for x in done_before), counts
         assert counts == dict.fromkeys(range(CALLS), 1), counts
         assert (

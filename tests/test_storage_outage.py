@@ -12,15 +12,14 @@ outage lasts OUTAGE_SECONDS because that is what is being survived.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from outages import count, map_in_thread, mark_and_sleep, wait_until
 from services import ServiceError, ServiceMissing
 from services.s3 import MotoServer, make_s3fs
 from stores import BUCKET, in_ci
@@ -60,33 +59,6 @@ def restartable_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoSer
         server.stop()
 
 
-def mark_and_sleep(x: int, folder: str, seconds: float) -> int:
-    path = os.path.join(folder, f"{x}.runs")
-    with open(path, "a") as f:
-        f.write(f"start {os.getpid()}\n")
-    time.sleep(seconds)
-    with open(path, "a") as f:
-        f.write(f"end {os.getpid()}\n")
-    return x * 7
-
-
-def marks(folder: Path) -> dict[int, list[str]]:
-    return {int(p.stem): p.read_text().splitlines() for p in folder.glob("*.runs")}
-
-
-def count(folder: Path, kind: str) -> dict[int, int]:
-    """How many "start" (or "end") lines each call's mark file has."""
-    return {x: sum(line.startswith(kind) for line in got) for x, got in marks(folder).items()}
-
-
-def wait_until(what: str, condition: Any) -> None:
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT_TIMEOUT:.0f} s: {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(300)
 def test_s3_stops_listening_mid_map_and_comes_back(
     restartable_s3: MotoServer, tmp_path: Path
@@ -95,31 +67,13 @@ def test_s3_stops_listening_mid_map_and_comes_back(
     folder = tmp_path / "marks"
     folder.mkdir()
     prefix = f"outage-{uuid.uuid4().hex[:10]}"
-    out: dict[str, Any] = {}
     with BatchPoolExecutor(
         max_workers=2,
         storage=f"s3://{BUCKET}/{prefix}",
         storage_options=server.storage_options(),
         cleanup_bucket=False,
     ) as ex:
-
-        def consume() -> None:
-            try:
-                out["results"] = list(
-                    ex.map(
-                        mark_and_sleep,
-                        range(CALLS),
-                        [str(folder)] * CALLS,
-                        [CALL_SECONDS] * CALLS,
-                        chunksize=1,
-                        timeout=240,  # no future waits forever: a hang fails here
-                    )
-                )
-            except BaseException as exc:
-                out["error"] = exc
-
-        thread = threading.Thread(target=consume, name="map", daemon=True)
-        thread.start()
+        thread, out = map_in_thread(ex, folder, CALLS, CALL_SECONDS)
         # Two calls run (one per worker): their outcomes will be written into the outage.
         wait_until("two calls run", lambda: len(count(folder, "start")) >= 2)
         ended_before = {x for x, n in count(folder, "end").items() if n}
@@ -145,8 +99,8 @@ def test_s3_stops_listening_mid_map_and_comes_back(
         assert not (thread.is_alive() or more.is_alive()), "the calls still wait"
         assert "error" not in out, repr(out.get("error"))
         assert "extra error" not in out, repr(out.get("extra error"))
-    assert out["results"] == [x * 7 for x in range(CALLS)]
-    assert out["extra"] == [x * 7 for x in EXTRA]
+    assert out["results"] == [x * 10 for x in range(CALLS)]
+    assert out["extra"] == [x * 10 for x in EXTRA]
     assert ended_during, "no call returned during the outage: the test proved nothing"
     # Nothing ran twice, nothing was lost: one run per call, every outcome of attempt 1.
     everyone = [*range(CALLS), *EXTRA]
