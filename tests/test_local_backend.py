@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from calls import die_leaving_a_child, getpid, triple
+from recorders import ChecksQueries
 
 import batchpool
 from batchpool import BatchPoolExecutor, LocalBackend, WorkerLostError
@@ -135,39 +136,8 @@ class PollOnly(Backend):
         self.inner.close()
 
 
-class QueriesRecorded(PollOnly):
-    """PollOnly that checks each status query: it must ask about every job handed over
-    before the previous query answered (so before the watcher asked again) that has not
-    ended since."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self.handed: set[str] = set()
-        self.known: set[str] = set()  # handed over before the last query answered
-        self.queries: list[set[str]] = []  # the jobs each query asked about
-        self.missed: list[set[str]] = []  # jobs that a query should have asked about
-        self.checked = 0  # queries made while such jobs were there to ask about
-
-    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
-        ids = super().submit(jobs, notify)
-        with self._lock:
-            self.handed.update(ids)
-        return ids
-
-    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        asked = set(job_ids)
-        self.queries.append(asked)
-        with self._lock:
-            known = set(self.known)
-        ended = {job for job, state in self.inner.status(list(known)).items() if state.is_final}
-        self.checked += bool(known - ended)
-        if known - ended - asked:
-            self.missed.append(known - ended - asked)
-        states = super().status(job_ids)
-        with self._lock:
-            self.known = set(self.handed)
-        return states
+class QueriesRecorded(ChecksQueries, PollOnly):
+    """PollOnly, each of whose status queries is checked (see ``ChecksQueries``)."""
 
 
 def test_a_backend_without_events_is_polled_with_one_query_for_all_jobs(tmp_path: Path) -> None:

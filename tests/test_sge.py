@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from recorders import ChecksQueries
 from services import read_exports
 
 from batchpool import BatchPoolExecutor
-from batchpool.backends.base import JobSpec, JobState, Notify, Resources
+from batchpool.backends.base import JobSpec, JobState, Resources
 from batchpool.backends.sge import SGEBackend
 from batchpool.errors import BackendError, WorkerLostError
 
@@ -78,34 +78,8 @@ def die(x: int) -> int:
     return x
 
 
-class QueriesRecorded(SGEBackend):
-    """SGEBackend that checks each status query: it must ask about every job handed over
-    before the previous query answered (so before the watcher asked again) that has not
-    ended since."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self.handed: set[str] = set()
-        self.known: set[str] = set()  # handed over before the last query answered
-        self.missed: list[set[str]] = []  # jobs that a query should have asked about
-
-    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
-        ids = super().submit(jobs, notify)
-        with self._lock:
-            self.handed.update(ids)
-        return ids
-
-    def status(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        states = super().status(job_ids)
-        with self._lock:
-            known, self.known = self.known, set(self.handed)
-        left = known - set(job_ids)
-        if left:  # ended already? (one more qstat, for the check only)
-            ended = {job for job, state in super().status(list(left)).items() if state.is_final}
-            if left - ended:
-                self.missed.append(left - ended)
-        return states
+class QueriesRecorded(ChecksQueries, SGEBackend):
+    """SGEBackend, each of whose status queries is checked (see ``ChecksQueries``)."""
 
 
 def test_map_is_one_qsub_and_keeps_order(sge: None, tmp_path: Path) -> None:
