@@ -10,13 +10,14 @@ until the wrapper has refused a number of commands.
 
 from __future__ import annotations
 
-import os
+import concurrent.futures as cf
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from outages import count, mark_and_sleep, wait_until
 
 import batchpool.outage as outage
 from batchpool import BatchPoolExecutor, WorkerLostError
@@ -29,17 +30,12 @@ from batchpool.outage import EngineOutage, is_unreachable
 OLD_RULE_FAILURES = 10
 
 
-def mark_and_wait(marks: str, x: int, gate: str) -> int:
-    """One line in ``marks/<x>`` per run of the call; return once ``gate`` exists."""
-    with open(os.path.join(marks, str(x)), "a") as f:
-        f.write(f"{os.getpid()}\n")
-    while not os.path.exists(gate):
-        threading.Event().wait(0.01)
-    return 2 * x
-
-
-def runs(marks: Path) -> dict[int, int]:
-    return {int(p.name): len(p.read_text().splitlines()) for p in marks.iterdir()}
+def submit_held(ex: BatchPoolExecutor, marks: Path, x: int) -> cf.Future[int]:
+    """A call that runs until ``marks/hold`` is removed; returned once it has started."""
+    (marks / "hold").touch()
+    future = ex.submit(mark_and_sleep, x, str(marks), 0)
+    wait_until(f"call {x} started", lambda: x in count(marks))
+    return future
 
 
 class Flaky(Backend):
@@ -125,40 +121,39 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_a_scheduler_down_longer_than_the_old_rule_costs_no_run_and_no_result(
     tmp_path: Path, quick_retries: None
 ) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks = tmp_path / "marks"
     marks.mkdir()
+    (marks / "hold").touch()  # the calls run until it is removed
     backend = Flaky(max_workers=2)
     items = list(range(8))
     try:
         with BatchPoolExecutor(
             backend=backend, storage=str(tmp_path / "store"), max_workers=2, max_attempts=3
         ) as ex:
-            futures = [ex.submit(mark_and_wait, str(marks), x, str(gate)) for x in items]
+            futures = [ex.submit(mark_and_sleep, x, str(marks), 0) for x in items]
             # Two jobs run (max_workers=2); two more wait in the pool's queue (a backend
             # with a queue gets twice its slots), two wait to be handed over.
-            while len(list(marks.iterdir())) < 2:
-                threading.Event().wait(0.01)
+            wait_until("two calls run", lambda: len(count(marks)) >= 2)
             backend.down.set()
             # Down for longer than the old rule allowed: more failed queries than it took.
             backend.wait_until(lambda: backend.refused["status"] > OLD_RULE_FAILURES)
-            gate.touch()  # the running calls finish while the scheduler is down...
+            (marks / "hold").unlink()  # the running calls finish while it is down...
             for future in futures[:2]:  # ...and their results come from the store
-                assert future.result(timeout=120) in (0, 2)
+                assert future.result(timeout=120) in (0, 10)
             # Their slots are free: the next jobs are tried, and refused.
             backend.wait_until(lambda: backend.refused["submit"] >= 1)
             backend.down.clear()
-            assert [f.result(timeout=120) for f in futures] == [2 * x for x in items]
+            assert [f.result(timeout=120) for f in futures] == [10 * x for x in items]
             assert all(f.job is not None and f.job.attempt == 1 for f in futures)
     finally:
         backend.close()
-    assert runs(marks) == dict.fromkeys(items, 1)  # every call ran once
+    assert count(marks) == dict.fromkeys(items, 1)  # every call ran once
     assert backend.cancelled == []  # no job was given up on
 
 
 def test_a_hung_status_query_stalls_neither_results_nor_dispatch(tmp_path: Path) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks = tmp_path / "marks"
     marks.mkdir()
-    gate.touch()
     backend = Flaky(max_workers=2)
     backend.hang.set()  # every status query blocks until the test ends
     items = list(range(6))
@@ -166,21 +161,21 @@ def test_a_hung_status_query_stalls_neither_results_nor_dispatch(tmp_path: Path)
         with BatchPoolExecutor(
             backend=backend, storage=str(tmp_path / "store"), max_workers=2
         ) as ex:
-            futures = [ex.submit(mark_and_wait, str(marks), x, str(gate)) for x in items]
+            futures = [ex.submit(mark_and_sleep, x, str(marks), 0) for x in items]
             # Six jobs through two slots, each found ended in the store: no query answered.
-            assert [f.result(timeout=120) for f in futures] == [2 * x for x in items]
+            assert [f.result(timeout=120) for f in futures] == [10 * x for x in items]
             assert backend.answered["status"] == 0
             assert backend.refused["status"] == 1  # one query, still hung: no pile-up
             backend.released.set()
     finally:
         backend.close()
-    assert runs(marks) == dict.fromkeys(items, 1)
+    assert count(marks) == dict.fromkeys(items, 1)
 
 
 def test_jobs_of_an_engine_unreachable_past_its_grace_are_cancelled_then_run_again(
     tmp_path: Path, quick_retries: None
 ) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks = tmp_path / "marks"
     marks.mkdir()
     backend = Flaky(max_workers=1, submit_works=True)  # only its status queries fail
     try:
@@ -190,9 +185,7 @@ def test_jobs_of_an_engine_unreachable_past_its_grace_are_cancelled_then_run_aga
             max_attempts=2,
             engine_outage_grace=0.5,
         ) as ex:
-            stuck = ex.submit(mark_and_wait, str(marks), 1, str(gate))
-            while not (marks / "1").exists():
-                threading.Event().wait(0.01)
+            stuck = submit_held(ex, marks, 1)
             backend.down.set()  # and the job never ends
             with pytest.raises(WorkerLostError) as info:
                 stuck.result(timeout=120)
@@ -204,13 +197,13 @@ def test_jobs_of_an_engine_unreachable_past_its_grace_are_cancelled_then_run_aga
     assert "engine_outage_grace=0.5" in text
     assert text.count("cancelled through the engine before a new attempt") == 2
     assert len(backend.cancelled) == 2  # each attempt was cancelled before the next
-    assert runs(marks) == {1: 2}
+    assert count(marks) == {1: 2}
 
 
 def test_a_job_that_cannot_be_cancelled_is_not_run_again(
     tmp_path: Path, quick_retries: None
 ) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks = tmp_path / "marks"
     marks.mkdir()
     backend = Flaky(max_workers=1, cancel_works=False)
     try:
@@ -220,21 +213,19 @@ def test_a_job_that_cannot_be_cancelled_is_not_run_again(
             max_attempts=3,
             engine_outage_grace=0.5,
         ) as ex:
-            stuck = ex.submit(mark_and_wait, str(marks), 1, str(gate))
-            while not (marks / "1").exists():
-                threading.Event().wait(0.01)
+            stuck = submit_held(ex, marks, 1)
             backend.down.set()
             with pytest.raises(WorkerLostError) as info:
                 stuck.result(timeout=120)
             assert stuck.job is not None and stuck.job.attempt == 1
     finally:
-        gate.touch()
+        (marks / "hold").unlink()
         backend.close()
     text = str(info.value)
     assert "could not be cancelled (ConnectionError: Unable to contact the scheduler)" in text
     assert "not run again, so that two attempts never run at once" in text
     assert backend.refused["cancel"] == 1
-    assert runs(marks) == {1: 1}
+    assert count(marks) == {1: 1}
 
 
 def test_a_submission_refused_past_the_grace_fails_its_calls_naming_the_outage(
@@ -258,7 +249,7 @@ def test_a_submission_refused_past_the_grace_fails_its_calls_naming_the_outage(
 def test_submissions_refused_while_status_answers_still_end_after_the_grace(
     tmp_path: Path, quick_retries: None
 ) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks = tmp_path / "marks"
     marks.mkdir()
     backend = Flaky(max_workers=2)
     try:
@@ -268,7 +259,7 @@ def test_submissions_refused_while_status_answers_still_end_after_the_grace(
             engine_outage_grace=0.5,
             max_poll_interval=0.05,  # status answers often while the submission is refused
         ) as ex:
-            running = ex.submit(mark_and_wait, str(marks), 1, str(gate))
+            running = submit_held(ex, marks, 1)
             backend.wait_until(lambda: backend.answered["status"] >= 1)
             backend.submit_down.set()
             refused = ex.submit(pow, 2, 3)
@@ -276,8 +267,8 @@ def test_submissions_refused_while_status_answers_still_end_after_the_grace(
             # submission's grace, or the call would wait forever.
             with pytest.raises(Exception, match="could not start the job"):
                 refused.result(timeout=120)
-            gate.touch()
-            assert running.result(timeout=120) == 2
+            (marks / "hold").unlink()
+            assert running.result(timeout=120) == 10
     finally:
         backend.close()
     assert backend.refused["submit"] >= 2
