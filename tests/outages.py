@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from batchpool import BatchPoolExecutor
+from batchpool.store import Store
 
 #: The longest wait for a condition of a test: a hang guard, not a measure.
 WAIT_TIMEOUT = 120.0
@@ -37,6 +39,17 @@ def marks(folder: Path) -> dict[int, list[str]]:
 def count(folder: Path, kind: str = "start") -> dict[int, int]:
     """How many "start" (or "end") lines each call's mark file has: its runs."""
     return {x: sum(line.startswith(kind) for line in got) for x, got in marks(folder).items()}
+
+
+def attempts(files: Iterable[Path], folder: str) -> list[int]:
+    """The attempt of each of these chunk objects of a run's ``folder`` ("results",
+    "events"), sorted: read by ``Store.parse_key``, the one reader of the layout."""
+    found: list[int] = []
+    for path in files:
+        parsed = Store.parse_key(f"{folder}/{path.name}")
+        assert parsed is not None, f"{path} is no chunk object of {folder}/"
+        found.append(parsed[2])
+    return sorted(found)
 
 
 def wait_until(what: str, condition: Any, timeout: float = WAIT_TIMEOUT) -> None:

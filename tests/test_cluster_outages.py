@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from outages import attempts
 from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
 from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
@@ -116,9 +117,8 @@ def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path
     assert runs_per_call(marks) == dict.fromkeys(ITEMS, 1)  # each call ran once
     # map's chunks have no future of their own to ask for ``job.attempt``; the store
     # has one start marker per job that ran: ``events/<chunk>.<attempt>.start``.
-    starts = sorted(p.name for p in Path(run_url, "events").glob("*.start"))
-    attempts = [name.rsplit(".", 2)[1] for name in starts]
-    assert attempts == ["1"] * len(ITEMS), starts  # one job per chunk, no retry
+    found = attempts(Path(run_url, "events").glob("*.start"), "events")
+    assert found == [1] * len(ITEMS), found  # one job per chunk, no retry
 
 
 @pytest.mark.slurm
