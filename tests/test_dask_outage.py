@@ -28,27 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from outages import count, map_in_thread, marks, wait_until
+from outages import attempts, count, map_in_thread, marks, wait_until
 from services import HOST, _die_with_parent, _prctl, free_port
+
+# test_dask's guard: distributed missing skips these tests too, or fails them with CI set.
+from test_dask import DaskBackend, distributed
 
 from batchpool import BatchPoolExecutor
 from batchpool.errors import BackendError
 from batchpool.processes import process_started
 
 pytestmark = pytest.mark.dask
-
-try:
-    import distributed
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError(
-            "CI is set but distributed is not installed: pip install -e '.[test]'"
-        ) from None
-    pytest.skip(
-        "distributed is not installed (pip install 'batchpool[dask]')", allow_module_level=True
-    )
-
-from batchpool.backends.dask import DaskBackend  # noqa: E402
 
 #: Bounded waits for the cluster's processes (they are not what the tests measure).
 START_TIMEOUT = 60.0
@@ -168,6 +158,13 @@ def alive(pid: int) -> bool:
     return process_started(pid) is not None
 
 
+def wait_gone(worker: subprocess.Popen[bytes], pid: int) -> None:
+    """The old ``dask worker`` (``worker``, its nanny) finished its job and exited with
+    its scheduler, and its worker process ``pid`` is gone: no orphan runs on."""
+    wait_until("the old worker exited", lambda: worker.poll() is not None)
+    wait_until("the old worker process ended", lambda: not alive(pid))
+
+
 @contextlib.contextmanager
 def executor(backend: DaskBackend, storage: Path) -> Iterator[BatchPoolExecutor]:
     """An executor that waits for its calls when the block ends well, and does not
@@ -244,13 +241,9 @@ def test_scheduler_restarted_mid_map(dask_processes: DaskProcesses, tmp_path: Pa
         # A task that waited in the old worker for the job before it was not started.
         assert "is not started: its Dask worker is closing" in procs.worker_log(old_worker)
         # Every result came from attempt 1: the outage cost no attempt.
-        assert (
-            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
-            == ["1"] * CALLS
-        )
+        assert attempts(storage.glob("*/results/*.out"), "results") == [1] * CALLS
         # The old worker finished its job and exited with its scheduler: no orphan runs.
-        wait_until("the old worker exited", lambda: old_worker.poll() is not None)
-        wait_until("the old worker process ended", lambda: not alive(old_pid))
+        wait_gone(old_worker, old_pid)
     finally:
         client.close()
 
@@ -283,8 +276,8 @@ def test_scheduler_and_the_running_worker_die_mid_map(
             assert out["results"] == [x * 10 for x in range(CALLS)]
         counts = count(marks_dir)
         assert counts == {x: 2 if x == cut else 1 for x in range(CALLS)}, counts
-        attempts = sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
-        assert attempts == ["1"] * (CALLS - 1) + ["2"], attempts
+        found = attempts(storage.glob("*/results/*.out"), "results")
+        assert found == [1] * (CALLS - 1) + [2], found
     finally:
         client.close()
 
@@ -310,10 +303,7 @@ def test_client_connection_cut_mid_map(dask_processes: DaskProcesses, tmp_path: 
         counts = count(marks_dir)
         assert done_before and all(counts[x] == 1 for x in done_before), counts
         assert counts == dict.fromkeys(range(CALLS), 1), counts
-        assert (
-            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
-            == ["1"] * CALLS
-        )
+        assert attempts(storage.glob("*/results/*.out"), "results") == [1] * CALLS
         worker = procs.workers[0]
         assert worker.poll() is None  # the scheduler kept its worker
         log = procs.worker_log(worker)
@@ -363,11 +353,7 @@ def test_scheduler_away_longer_than_the_clients_timeout(
         counts = count(marks_dir)
         assert done_before and all(counts[x] == 1 for x in done_before), counts
         assert counts == dict.fromkeys(range(CALLS), 1), counts
-        assert (
-            sorted(p.name.rsplit(".", 2)[1] for p in storage.glob("*/results/*.out"))
-            == ["1"] * CALLS
-        )
-        wait_until("the old worker exited", lambda: old_worker.poll() is not None)
-        wait_until("the old worker process ended", lambda: not alive(old_pid))
+        assert attempts(storage.glob("*/results/*.out"), "results") == [1] * CALLS
+        wait_gone(old_worker, old_pid)
     finally:
         client.close()
