@@ -62,7 +62,6 @@ class EngineOutage:
     failures: int = 0
     last_error: str = ""
     retry_at: float = 0.0  # no engine command before this (monotonic)
-    _began_wall: float = field(default=0.0, repr=False)
 
     @property
     def active(self) -> bool:
@@ -75,7 +74,6 @@ class EngineOutage:
         self.last_error = f"{what}: {exc if isinstance(exc, str) else _text(exc)}"
         if self.since is None:
             self.since = now if since is None else since
-            self._began_wall = time.time()
             log.warning(
                 "batchpool: the engine cannot be reached (%s); %s only after %g s",
                 self.last_error,
@@ -158,13 +156,12 @@ class StatusQuery:
         self.counted_hung = False
         self._asks.put(StatusAnswer(list(job_ids), self.asked_at))
 
-    def answered(self, answer: StatusAnswer) -> bool:
-        """The watcher got ``answer``; False if it is of an older query than the one
-        under way (it is still used: states do not go stale that fast)."""
-        current = answer.asked_at == self.asked_at
-        if current:
+    def answered(self, answer: StatusAnswer) -> None:
+        """The watcher got ``answer``: the query under way is over, unless ``answer`` is
+        of an older one (a hung query that answered late; its states are used all the
+        same, they do not go stale that fast)."""
+        if answer.asked_at == self.asked_at:
             self.asked_at = None
-        return current
 
     def close(self) -> None:
         """End the thread once the query under way, if any, has answered."""
