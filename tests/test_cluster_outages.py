@@ -12,7 +12,7 @@ flight lost after 10 failed status queries in a row, then run again while the ol
 still ran; a failed submission failed its calls at once), and far shorter than
 ``engine_outage_grace``. That rule counted queries, not seconds: ~20 s on SGE, whose
 qstat fails at once, but ~200 s on Slurm, whose squeue takes ~18 s to fail, hence a
-longer outage there. The tests assert counts, never times: each call ran once (one line
+longer outage there. The tests assert counts, never times: each call ran once (one start
 in its mark file), in its first attempt (one ``.1.start`` marker per chunk in the store,
 none of a second attempt), and every result came back in order. The controller is
 started again in a ``finally``, so a failing test leaves the cluster as it found it.
@@ -20,8 +20,6 @@ started again in a ``finally``, so a failing test leaves the cluster as it found
 
 from __future__ import annotations
 
-import functools
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from outages import attempts
+from outages import attempts, count, mark_and_sleep, wait_until
 from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
 from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
@@ -49,14 +47,6 @@ SLURM_OUTAGE = 240
 #: still running when it is gone and end while it is down.
 NAP = 15
 ITEMS = list(range(6))
-
-
-def mark_and_nap(marks: str, x: int) -> int:
-    """One line in ``marks/<x>`` per run of the call, then a nap."""
-    with open(os.path.join(marks, str(x)), "a") as f:
-        f.write(f"{os.getpid()}\n")
-    time.sleep(NAP)
-    return x * x
 
 
 def controller(script: str, action: str) -> str:
@@ -85,10 +75,6 @@ def controller_down(script: str) -> Iterator[list[str]]:
         said.append(controller(script, "start-controller"))
 
 
-def runs_per_call(marks: Path) -> dict[int, int]:
-    return {int(p.name): len(p.read_text().splitlines()) for p in marks.iterdir()}
-
-
 def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -100,21 +86,19 @@ def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path
         cleanup_bucket=False,  # the start markers are read after the executor closed
     ) as bpe:
         # Without buffersize every chunk is handed to the executor now; two run at once.
+        n = len(ITEMS)
         results = bpe.map(
-            functools.partial(mark_and_nap, str(marks)), ITEMS, chunksize=1, timeout=outage + 300
+            mark_and_sleep, ITEMS, [str(marks)] * n, [NAP] * n, chunksize=1, timeout=outage + 300
         )
-        deadline = time.monotonic() + 120
-        while not any(marks.iterdir()):
-            assert time.monotonic() < deadline, "no call started within 120 s"
-            time.sleep(0.2)
+        wait_until("a call started", lambda: count(marks))
         with controller_down(script) as said:
             time.sleep(outage)  # the fault itself, not an assertion
         # Someone else's `bash ci/<script>` would have started it early (the script
         # waits while it is held down, up to 15 min): then this tested a shorter outage.
         assert "already running" not in said[0], f"the outage was cut short: {said[0]}"
-        assert list(results) == [x * x for x in ITEMS]
+        assert list(results) == [x * 10 for x in ITEMS]
         run_url = bpe.run_url
-    assert runs_per_call(marks) == dict.fromkeys(ITEMS, 1)  # each call ran once
+    assert count(marks) == dict.fromkeys(ITEMS, 1)  # each call ran once
     # map's chunks have no future of their own to ask for ``job.attempt``; the store
     # has one start marker per job that ran: ``events/<chunk>.<attempt>.start``.
     found = attempts(Path(run_url, "events").glob("*.start"), "events")
