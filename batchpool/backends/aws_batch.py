@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -52,7 +51,15 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from batchpool.backends.base import Backend, JobSpec, JobState, Notify, signal_name
+from batchpool.backends.base import (
+    Backend,
+    JobSpec,
+    JobState,
+    Notify,
+    amount_mib,
+    duration_seconds,
+    signal_name,
+)
 from batchpool.errors import BackendError
 
 T = TypeVar("T")
@@ -91,8 +98,6 @@ _STATES = {
 }
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
-_MIB_PER_UNIT = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 _NETWORK_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
@@ -110,31 +115,12 @@ def memory_mib(memory: str | int | None) -> int:
     """MiB of a job option ``memory`` (``"512M"``, ``"8G"``, ``"2GiB"``, bytes as an int)."""
     if memory is None:
         return DEFAULT_MEMORY_MIB
-    if isinstance(memory, int):
-        return max(1, math.ceil(memory / (1024 * 1024)))
-    match = _MEMORY.fullmatch(memory.strip())
-    if match is None:
-        raise ValueError(
-            f"memory={memory!r} is not an amount AWS Batch understands; use e.g. '512M' or '8G'"
-        )
-    mib = float(match.group(1)) * _MIB_PER_UNIT[match.group(2).lower()]
-    return max(1, math.ceil(mib))
+    return amount_mib(memory, engine="AWS Batch")
 
 
 def walltime_seconds(walltime: str) -> int:
-    """Seconds of a job option ``walltime``: ``"90"``, ``"30:00"``, ``"1-01:30:00"``."""
-    days, _, rest = walltime.strip().rpartition("-")
-    try:
-        parts = [int(p) for p in rest.split(":")]
-        total = int(days or 0) * 86400
-    except ValueError:
-        raise ValueError(f"walltime={walltime!r} is not [D-]HH:MM:SS or seconds") from None
-    if not 1 <= len(parts) <= 3:
-        raise ValueError(f"walltime={walltime!r} is not [D-]HH:MM:SS or seconds")
-    for unit, part in zip((1, 60, 3600)[: len(parts)], reversed(parts), strict=True):
-        total += unit * part
-    # AWS Batch refuses attempt durations under a minute.
-    return max(60, total)
+    """Seconds of a job option ``walltime``; AWS Batch refuses attempt durations under a minute."""
+    return max(60, duration_seconds(walltime))
 
 
 def _job_name(spec: JobSpec) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import math
 import os
 import re
 import signal
@@ -56,6 +57,38 @@ def file_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+_AMOUNT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+_MIB_PER_UNIT = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+def amount_mib(memory: str | int, engine: str = "this engine") -> int:
+    """MiB of a job option ``memory`` (``"512M"``, ``"8G"``, ``"2GiB"``, bytes as an int)."""
+    if isinstance(memory, int):
+        return max(1, math.ceil(memory / (1024 * 1024)))
+    match = _AMOUNT.fullmatch(memory.strip())
+    if match is None:
+        raise ValueError(
+            f"memory={memory!r} is not an amount {engine} understands; use e.g. '512M' or '8G'"
+        )
+    mib = float(match.group(1)) * _MIB_PER_UNIT[match.group(2).lower()]
+    return max(1, math.ceil(mib))
+
+
+def duration_seconds(walltime: str) -> int:
+    """Seconds of a job option ``walltime``: ``"90"``, ``"30:00"``, ``"1-01:30:00"``."""
+    days, _, rest = walltime.strip().rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        total = int(days or 0) * 86400
+    except ValueError:
+        raise ValueError(f"walltime={walltime!r} is not [D-]HH:MM:SS or seconds") from None
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"walltime={walltime!r} is not [D-]HH:MM:SS or seconds")
+    for unit, part in zip((1, 60, 3600)[: len(parts)], reversed(parts), strict=True):
+        total += unit * part
+    return total
 
 
 class JobState(enum.Enum):
