@@ -21,11 +21,15 @@ def job_script(
     *,
     directives: Sequence[str] = (),
     first_index: int = 0,
+    export_env: bool = True,
 ) -> str:
     """A bash script running ``specs[i]`` for task index ``first_index + i``.
 
     ``index_var`` is the engine's task index variable (``SLURM_ARRAY_TASK_ID``,
-    ``SGE_TASK_ID``); ``directives`` are header lines such as ``#SBATCH --mem=8G``.
+    ``SGE_TASK_ID``, or ``1`` for the script's first argument); ``directives`` are
+    header lines such as ``#SBATCH --mem=8G``. ``export_env=False`` leaves the
+    environment out, for an engine that sets it from the job's description (the
+    script is then a file that holds no secret).
     """
     if not specs:
         raise ValueError("job_script needs at least one job")
@@ -37,7 +41,7 @@ def job_script(
     lines += list(resources.setup)
     if resources.env_script:
         lines.append(f"source {shlex.quote(resources.env_script)}")
-    for name, value in first.environment().items():
+    for name, value in first.environment().items() if export_env else ():
         lines.append(f"export {name}={shlex.quote(value)}")
     if resources.working_dir:
         lines.append(f"cd {shlex.quote(resources.working_dir)}")
