@@ -82,9 +82,6 @@ RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         --no-install-recommends minicondor && rm -rf /var/lib/apt/lists/* \
     && useradd -u $JOB_UID -m $JOB_USER \
     && chmod 755 /root
-# The pool listens on the loopback only; jobs may use both cores.
-RUN printf '%s\n' 'NETWORK_INTERFACE = 127.0.0.1' 'NUM_CPUS = 2' \
-        'SEC_TOKEN_ISSUER_KEY = POOL' >/etc/condor/config.d/90-batchpool
 CMD ["condor_master", "-f"]
 EOF
     log "building $IMAGE (about 40 s)"
@@ -98,10 +95,27 @@ prefix=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.prefix))')
 package=$("$PYTHON" -c 'import os, batchpool; print(os.path.dirname(os.path.dirname(os.path.realpath(batchpool.__file__))))')
 mkdir -p "$SHARED"
 chmod 1777 "$SHARED"
+# The pool's own settings, mounted into the container: it listens on the loopback only,
+# jobs may use both cores, and the daemons tell each other of changes within seconds
+# (a pool's defaults are minutes: a freed core would wait that long for its next job).
+cat >"$ROOT/90-batchpool.config" <<'EOF'
+NETWORK_INTERFACE = 127.0.0.1
+NUM_CPUS = 2
+SEC_TOKEN_ISSUER_KEY = POOL
+NEGOTIATOR_INTERVAL = 2
+NEGOTIATOR_MIN_INTERVAL = 1
+NEGOTIATOR_CYCLE_DELAY = 1
+UPDATE_INTERVAL = 2
+SCHEDD_INTERVAL = 2
+STARTER_UPDATE_INTERVAL = 2
+SHADOW_QUEUE_UPDATE_INTERVAL = 2
+PERIODIC_EXPR_INTERVAL = 2
+EOF
 if ! running; then
     "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     log "starting the pool (container $CONTAINER)"
-    mounts=(-v /tmp:/tmp -v "$prefix:$prefix:ro")
+    mounts=(-v /tmp:/tmp -v "$prefix:$prefix:ro"
+        -v "$ROOT/90-batchpool.config:/etc/condor/config.d/90-batchpool:ro")
     # The checkout is outside the prefix for an editable install.
     case "$package/" in "$prefix"/*) ;; *) mounts+=(-v "$package:$package:ro") ;; esac
     if [ "$REPO" != "$package" ]; then
@@ -111,6 +125,7 @@ if ! running; then
         "${mounts[@]}" "$IMAGE" >/dev/null || die "docker run of $IMAGE failed"
 fi
 EXEC=("$DOCKER" exec "$CONTAINER")
+"${EXEC[@]}" condor_reconfig >/dev/null 2>&1 || true  # a running pool reads the settings again
 for _ in $(seq 1 300); do
     "${EXEC[@]}" condor_status -schedd -af Name >/dev/null 2>&1 && break
     sleep 0.2
