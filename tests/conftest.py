@@ -11,7 +11,7 @@ import pytest
 from batchpool import BatchPoolExecutor
 
 # The GCS emulator and the moto S3 server, started once per session when a test needs them.
-pytest_plugins = ["stores", "containers"]
+pytest_plugins = ["stores", "containers", "htcondor_pool"]
 
 
 @pytest.fixture
