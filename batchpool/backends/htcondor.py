@@ -339,9 +339,10 @@ class HTCondorBackend(Backend):
             return collector.locate(htcondor.DaemonType.Schedd)  # a submit host's own
         except htcondor.HTCondorException:
             ads = collector.query(htcondor.AdType.Schedd)
-        if not ads:
+        if not ads:  # the collector answers without it: a schedd restarting, as a rule
             raise BackendError(
-                f"the pool's collector lists no schedd to submit to ({self._hint()})"
+                f"the pool's collector lists no schedd to submit to ({self._hint()})",
+                transient=True,
             )
         return ads[0]
 
@@ -368,9 +369,17 @@ class HTCondorBackend(Backend):
         htcondor = self._htcondor
 
         def cpus() -> int:
+            # A partitionable slot's Cpus are those still free; TotalSlotCpus all of
+            # them. Dynamic slots are carved out of a partitionable one: not counted.
             collector = htcondor.Collector(self.pool) if self.pool else htcondor.Collector()
-            ads = collector.query(htcondor.AdType.Startd, projection=["Cpus", "SlotType"])
-            return sum(int(ad.get("Cpus", 0)) for ad in ads if ad.get("SlotType") != "Dynamic")
+            ads = collector.query(
+                htcondor.AdType.Startd, projection=["Cpus", "TotalSlotCpus", "SlotType"]
+            )
+            return sum(
+                int(ad.get("TotalSlotCpus", ad.get("Cpus", 0)))
+                for ad in ads
+                if ad.get("SlotType") != "Dynamic"
+            )
 
         try:
             return self._call("collector (counting CPUs)", cpus)
