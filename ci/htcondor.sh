@@ -19,6 +19,7 @@
 #   BATCHPOOL_HTCONDOR_USER     the user jobs run as
 #   BATCHPOOL_HTCONDOR_SHARED   a folder under /tmp that the job user may write (stores)
 #   BATCHPOOL_HTCONDOR_EXEC     `docker exec` argv prefix that runs a command in the pool
+#   DOCKER_HOST                 the socket of the daemon that runs the pool's container
 # Facts behind each step: ../shared/notes/engines.md, "HTCondor".
 set -euo pipefail
 
@@ -153,6 +154,7 @@ export CONDOR_CONFIG=$ROOT/condor_config
 export BATCHPOOL_HTCONDOR_USER=$JOB_USER
 export BATCHPOOL_HTCONDOR_SHARED=$SHARED
 export BATCHPOOL_HTCONDOR_EXEC="$DOCKER exec -u $JOB_USER $CONTAINER"
+export DOCKER_HOST=$DOCKER_HOST
 EOF
 log "the pool is ready; environment (written to $ENV_FILE):"
 cat "$ENV_FILE"
