@@ -70,6 +70,19 @@ def wait_final(backend: HTCondorBackend, ids: Sequence[str]) -> dict[str, JobSta
     return states
 
 
+class Recording(HTCondorBackend):
+    """An HTCondorBackend that remembers the ids it returned."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.ids: list[str] = []
+
+    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
+        ids = super().submit(jobs, notify)
+        self.ids += ids
+        return ids
+
+
 def triple(x: int) -> int:
     return 3 * x
 
@@ -80,6 +93,11 @@ def fail(x: int) -> int:
 
 def getenv(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def chatty(x: int) -> int:
+    print(f"hello from htcondor {x}", flush=True)
+    return x
 
 
 def die_first(x: int, folder: str) -> int:
@@ -182,11 +200,12 @@ def test_one_cluster_per_group_and_environment_arrives_exactly(
 def test_map_in_order_errors_keep_their_type_and_env_reaches_the_job(
     logs: Path, store: Path
 ) -> None:
-    backend = HTCondorBackend(log_dir=logs)
+    backend = Recording(log_dir=logs)
     with BatchPoolExecutor(
         backend=backend,
         storage=str(store),
         max_workers=4,
+        cleanup_bucket=False,
         job_options={"env": {"GREETING": 'it\'s "quoted" $(x)'}},
     ) as bpe:
         assert list(bpe.map(triple, range(20), chunksize=4, timeout=120)) == [
@@ -195,7 +214,12 @@ def test_map_in_order_errors_keep_their_type_and_env_reaches_the_job(
         with pytest.raises(KeyError, match="no key 7"):
             bpe.submit(fail, 7).result(timeout=120)
         assert bpe.submit(getenv, "GREETING").result(timeout=120) == 'it\'s "quoted" $(x)'
-    assert backend.submit_calls <= 7  # the map's five chunks went in at most four hand-overs
+        assert bpe.submit(chatty, 5).result(timeout=120) == 5
+    # what the call printed is in the run's logs/ and in the job's own output file
+    assert any("hello from htcondor 5" in log.read_text() for log in store.glob("*/logs/*.log"))
+    engine_log = logs / f"htcondor-{backend.ids[-1]}.out"
+    assert "hello from htcondor 5" in engine_log.read_text()
+    assert backend.submit_calls <= 8  # the map's five chunks went in at most five hand-overs
 
 
 def test_a_killed_worker_runs_again_as_a_new_attempt(
@@ -230,19 +254,6 @@ def test_walltime_holds_the_job_and_the_error_names_the_limit(logs: Path, store:
         "the held job to leave the queue",
         lambda: backend._ads_of([job_id])[job_id]["JobStatus"] == 3,
     )
-
-
-class Recording(HTCondorBackend):
-    """An HTCondorBackend that remembers the ids it returned."""
-
-    def __init__(self, **options: object) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
-        self.ids: list[str] = []
-
-    def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
-        ids = super().submit(jobs, notify)
-        self.ids += ids
-        return ids
 
 
 def test_future_cancel_removes_a_queued_job(logs: Path, store: Path) -> None:
