@@ -303,6 +303,7 @@ _BUILTIN["dask"] = "batchpool.backends.dask:DaskBackend"
 _BUILTIN["docker"] = "batchpool.backends.docker:DockerBackend"
 _BUILTIN["aws-batch"] = "batchpool.backends.aws_batch:AWSBatchBackend"
 _BUILTIN["hail"] = "batchpool.backends.hail:HailBatchBackend"
+_BUILTIN["ray"] = "batchpool.backends.ray:RayBackend"
 _BUILTIN["htcondor"] = "batchpool.backends.htcondor:HTCondorBackend"
 _REGISTERED: dict[str, type[Backend]] = {}
 
