@@ -6,6 +6,9 @@
 #   bash ci/htcondor.sh          build the image if missing, start the pool if not running,
 #                                write the client's environment; idempotent
 #   bash ci/htcondor.sh stop     stop the pool this script started (its container)
+#   bash ci/htcondor.sh stop-controller    stop only the schedd (condor_off -daemon schedd):
+#                                the startd and the jobs it runs carry on
+#   bash ci/htcondor.sh start-controller   start the schedd again and wait until it answers
 #
 # Jobs never run as root under HTCondor, so the pool has a job user (uid $JOB_UID) and the
 # host's client submits as that user, authenticated by an IDTOKENS token. The container
@@ -54,6 +57,25 @@ if [ "${1:-start}" = stop ]; then
         "$DOCKER" rm -f "$CONTAINER" >/dev/null
     fi
     exit 0
+fi
+schedd_answers() { "$DOCKER" exec "$CONTAINER" condor_q -totals >/dev/null 2>&1; }
+if [ "${1:-}" = stop-controller ]; then
+    running || die "the pool is not running"
+    "$DOCKER" exec "$CONTAINER" condor_off -daemon schedd >/dev/null || die "condor_off failed"
+    for _ in $(seq 1 150); do
+        schedd_answers || exit 0
+        sleep 0.2
+    done
+    die "the schedd still answers 30 s after condor_off"
+fi
+if [ "${1:-}" = start-controller ]; then
+    running || die "the pool is not running"
+    "$DOCKER" exec "$CONTAINER" condor_on -daemon schedd >/dev/null || die "condor_on failed"
+    for _ in $(seq 1 300); do
+        schedd_answers && { log "the schedd answers again"; exit 0; }
+        sleep 0.2
+    done
+    die "the schedd did not answer within 60 s of condor_on"
 fi
 [ "$(id -u)" = 0 ] || die "run me as root (I start containers)"
 

@@ -23,6 +23,7 @@ started again in a ``finally``, so a failing test leaves the cluster as it found
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,12 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from htcondor_pool import HTCondorPool
 from outages import attempts, count, mark_and_sleep, wait_until
 from test_sge import sge  # noqa: F401  (the session fixture that starts SGE)
 from test_slurm import slurm  # noqa: F401  (the session fixture that starts Slurm)
 
 from batchpool import BatchPoolExecutor
 from batchpool.backends.base import Backend
+from batchpool.backends.htcondor import HTCondorBackend
 from batchpool.backends.sge import SGEBackend
 from batchpool.backends.slurm import SlurmBackend
 
@@ -46,6 +49,9 @@ CI = Path(__file__).resolve().parent.parent / "ci"
 #: queries and submissions in Slurm's minute.
 SGE_OUTAGE = 30
 SLURM_OUTAGE = 60
+#: The schedd's shadows go with it; the starters keep the jobs running and the schedd
+#: reconnects to them when it is back (their job lease is 40 minutes).
+HTCONDOR_OUTAGE = 15
 #: Seconds each call runs: longer than stopping the controller takes (~1 s for
 #: slurmctld, ~9 s for a controlled shutdown of sge_qmaster), so the first calls are
 #: still running when it is gone and end while it is down.
@@ -79,7 +85,9 @@ def controller_down(script: str) -> Iterator[list[str]]:
         said.append(controller(script, "start-controller"))
 
 
-def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path: Path) -> None:
+def map_through_a_restart(
+    backend: Backend, script: str, outage: float, tmp_path: Path, nap: float = NAP
+) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
     with BatchPoolExecutor(
@@ -92,7 +100,7 @@ def map_through_a_restart(backend: Backend, script: str, outage: float, tmp_path
         # Without buffersize every chunk is handed to the executor now; two run at once.
         n = len(ITEMS)
         results = bpe.map(
-            mark_and_sleep, ITEMS, [str(marks)] * n, [NAP] * n, chunksize=1, timeout=outage + 300
+            mark_and_sleep, ITEMS, [str(marks)] * n, [nap] * n, chunksize=1, timeout=outage + 300
         )
         wait_until("a call started", lambda: count(marks))
         with controller_down(script) as said:
@@ -122,3 +130,16 @@ def test_slurmctld_restart_costs_no_run_and_no_result(tmp_path: Path) -> None:
 @pytest.mark.timeout(SGE_OUTAGE + 400)
 def test_sge_qmaster_restart_costs_no_run_and_no_result(tmp_path: Path) -> None:
     map_through_a_restart(SGEBackend(), "sge.sh", SGE_OUTAGE, tmp_path)
+
+
+@pytest.mark.timeout(HTCONDOR_OUTAGE + 400)
+def test_htcondor_schedd_restart_costs_no_run_and_no_result(htcondor_pool: HTCondorPool) -> None:
+    # Jobs run as the pool's user: its folders, and a umask that keeps new ones writable.
+    folder = htcondor_pool.folder("outage")
+    old = os.umask(0)
+    try:
+        backend = HTCondorBackend(log_dir=folder / "logs")
+        # condor_off stops the schedd within a second: shorter calls still outlast it
+        map_through_a_restart(backend, "htcondor.sh", HTCONDOR_OUTAGE, folder, nap=8)
+    finally:
+        os.umask(old)
