@@ -40,13 +40,12 @@ from batchpool.backends.base import (
     JobSpec,
     JobState,
     Notify,
-    Resources,
     amount_mib,
     duration_seconds,
     file_tail,
     signal_name,
 )
-from batchpool.backends.script import job_script
+from batchpool.backends.script import alike_groups, batch_name, job_script
 from batchpool.errors import BackendError
 
 #: Seconds any call to the schedd or collector may take before it counts as failed.
@@ -297,13 +296,9 @@ class HTCondorBackend(Backend):
         ok, value = outcome[0]
         if ok:
             return value
-        if isinstance(value, BackendError):
-            raise value
-        if not isinstance(value, Exception):
+        if isinstance(value, BackendError) or not isinstance(value, Exception):
             raise value
         text = f"{type(value).__name__}: {value}"
-        if isinstance(value, (ValueError, TypeError)) and "ClassAd" not in text:
-            raise value
         unreachable = any(words in text for words in UNREACHABLE)
         if unreachable:
             with self._lock:
@@ -383,7 +378,7 @@ class HTCondorBackend(Backend):
 
         try:
             return self._call("collector (counting CPUs)", cpus)
-        except (BackendError, ValueError, TypeError):
+        except BackendError:
             return 0
 
     # -- the store must be writable by the jobs' user ----------------------------------------
@@ -410,13 +405,8 @@ class HTCondorBackend(Backend):
     def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
         if not jobs:
             return []
-        groups: dict[tuple[Resources, tuple[tuple[str, str], ...]], list[int]] = {}
-        for position, spec in enumerate(jobs):
-            groups.setdefault((spec.resources, tuple(sorted(spec.env.items()))), []).append(
-                position
-            )
         ids: list[str | None] = [None] * len(jobs)
-        for positions in groups.values():
+        for positions in alike_groups(jobs):
             cluster = self._submit_cluster([jobs[p] for p in positions])
             for proc, position in enumerate(positions):
                 ids[position] = f"{cluster}.{proc}"
@@ -457,7 +447,7 @@ class HTCondorBackend(Backend):
             )
         out = os.path.join(self.log_dir, "htcondor-$(Cluster).$(Process).out")
         description = {
-            "batch_name": _cluster_name(specs),
+            "batch_name": batch_name(specs),
             "arguments": "$(Process)",
             "output": out,
             "error": out,
@@ -707,10 +697,3 @@ def _unwritable_for(user: str, folder: str) -> str:
             f"(this process's umask is {umask:03o})"
         )
     return ""
-
-
-def _cluster_name(specs: Sequence[JobSpec]) -> str:
-    """A batch name for a cluster: the run's name (a job's name is ``<run>-<chunk>-<attempt>``)."""
-    name = specs[0].name.rsplit("-", 2)[0] if specs[0].name.count("-") >= 2 else specs[0].name
-    name = name or "batchpool"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]

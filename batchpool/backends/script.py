@@ -9,6 +9,7 @@ runs ``python -m batchpool.worker`` for its task.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -53,3 +54,21 @@ def job_script(
     lines.append(f'  *) echo "batchpool: no job for task ${{{index_var}}}" >&2; exit 2 ;;')
     lines.append("esac")
     return "\n".join(lines) + "\n"
+
+
+def alike_groups(jobs: Sequence[JobSpec]) -> list[list[int]]:
+    """The positions of ``jobs``, grouped by resources and environment: each group can
+    be one script, so one array (or cluster) of the engine; in first-seen order."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for position, spec in enumerate(jobs):
+        key = (spec.resources, tuple(sorted(spec.env.items())))
+        groups.setdefault(key, []).append(position)
+    return list(groups.values())
+
+
+def batch_name(specs: Sequence[JobSpec]) -> str:
+    """A name for an array of jobs: the run's name (a job's name is ``<run>-<chunk>-<attempt>``),
+    with what a scheduler's job name may not hold replaced."""
+    name = specs[0].name.rsplit("-", 2)[0] if specs[0].name.count("-") >= 2 else specs[0].name
+    name = name or "batchpool"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]

@@ -35,11 +35,10 @@ from batchpool.backends.base import (
     JobSpec,
     JobState,
     Notify,
-    Resources,
     file_tail,
     signal_name,
 )
-from batchpool.backends.script import job_script
+from batchpool.backends.script import alike_groups, job_script
 from batchpool.errors import BackendError
 
 #: The array size used when ``max_array_size`` is not given and ``qconf`` cannot tell.
@@ -228,13 +227,10 @@ class SGEBackend(Backend):
     # -- the contract ---------------------------------------------------------------------
 
     def submit(self, jobs: Sequence[JobSpec], notify: Notify | None = None) -> list[str]:
-        groups: dict[tuple[Resources, tuple[tuple[str, str], ...]], list[int]] = {}
-        for index, spec in enumerate(jobs):
-            groups.setdefault((spec.resources, tuple(sorted(spec.env.items()))), []).append(index)
         ids: list[str] = [""] * len(jobs)
         limit = self._array_limit() if jobs else 1
         os.makedirs(self.log_dir, exist_ok=True)
-        for indices in groups.values():
+        for indices in alike_groups(jobs):
             for start in range(0, len(indices), limit):
                 part = indices[start : start + limit]
                 number = self._qsub([jobs[i] for i in part])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, file_tail
-from batchpool.backends.script import job_script
+from batchpool.backends.script import alike_groups, batch_name, job_script
 from batchpool.errors import BackendError
 
 #: Seconds any Slurm command may take before it counts as failed.
@@ -295,14 +295,9 @@ class SlurmBackend(Backend):
         if not jobs:
             return []
         os.makedirs(self.log_dir, exist_ok=True)
-        groups: dict[tuple[Resources, tuple[tuple[str, str], ...]], list[int]] = {}
-        for position, spec in enumerate(jobs):
-            groups.setdefault((spec.resources, tuple(sorted(spec.env.items()))), []).append(
-                position
-            )
         ids: list[str | None] = [None] * len(jobs)
         size = self.max_array_size()
-        for positions in groups.values():
+        for positions in alike_groups(jobs):
             for start in range(0, len(positions), size):
                 part = positions[start : start + size]
                 array_id = self._submit_array([jobs[p] for p in part])
@@ -312,7 +307,7 @@ class SlurmBackend(Backend):
 
     def _submit_array(self, specs: Sequence[JobSpec]) -> str:
         resources = specs[0].resources
-        name = _array_name(specs)
+        name = batch_name(specs)
         directives = [f"#SBATCH {d}" for d in self._directives(resources, name)]
         script = job_script(specs, "SLURM_ARRAY_TASK_ID", directives=directives)
         array = f"0-{len(specs) - 1}"
@@ -523,13 +518,6 @@ def _record_states(record: dict[str, str]) -> dict[str, str]:
         return dict.fromkeys(_expand(f"{array_id}_[{task}]"), state)
     job_id = record.get("JobId", "")
     return {job_id: state} if job_id else {}
-
-
-def _array_name(specs: Sequence[JobSpec]) -> str:
-    """A job name for an array: the run's name (a job's name is ``<run>-<chunk>-<attempt>``)."""
-    name = specs[0].name.rsplit("-", 2)[0] if specs[0].name.count("-") >= 2 else specs[0].name
-    name = name or "batchpool"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
 
 
 def _hint() -> str:
