@@ -4,6 +4,7 @@
     python examples/anywhere.py --backend dask           # a Dask LocalCluster it starts
     python examples/anywhere.py --backend slurm --storage /shared/scratch/batchpool
     python examples/anywhere.py --backend sge   --storage /shared/scratch/batchpool
+    python examples/anywhere.py --backend htcondor --storage /shared/scratch/batchpool
     python examples/anywhere.py --backend docker --image my-worker:1   # containers here
     python examples/anywhere.py --backend aws-batch --backend-option job_queue=my-queue \
         --image 1234.dkr.ecr.eu-west-1.amazonaws.com/worker:1 --storage s3://bucket/runs
