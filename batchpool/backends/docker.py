@@ -222,9 +222,12 @@ class DockerBackend(Backend):
         if unknown:  # another process's containers (attach, `batchpool status`)
             for job_id in unknown:
                 self.check_job_id(job_id)
-            for job_id, state in self._inspect(unknown).items():
+            found = self._inspect(unknown)
+            for job_id in unknown:
+                state = found.get(job_id, {})
                 running = state.get("Running") or state.get("Status") in ("created", "running")
-                # Gone or ended: the executor reads the outcome, or explains its absence.
+                # Gone (removed, or not made yet) or ended: the executor reads the outcome,
+                # or explains its absence; every id asked for gets a state.
                 states[job_id] = JobState.RUNNING if running else JobState.SUCCEEDED
         return states
 
