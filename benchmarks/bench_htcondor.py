@@ -41,7 +41,7 @@ def start_pool() -> dict[str, str]:
     env_file = Path(tempfile.mkdtemp()) / "htcondor.env"
     proc = subprocess.run(
         ["bash", str(REPO / "ci" / "htcondor.sh")],
-        env={**os.environ, "BATCHPOOL_HTCONDOR_ENV": str(env_file)},
+        env={**os.environ, "BATCHPOOL_HTCONDOR_ENV": str(env_file), "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         check=False,
@@ -121,7 +121,8 @@ def main() -> None:
     print("| executor | wall time | vs condor_submit | submits | schedd queries |")
     print("|---|---:|---:|---:|---:|")
     for label, wall, submits, queries in rows:
-        print(f"| {label} | {wall:.1f} s | {wall / plain:.2f}× | {submits} | {queries} |")
+        ratio = f"{wall / plain:.2f}\N{MULTIPLICATION SIGN}"
+        print(f"| {label} | {wall:.1f} s | {ratio} | {submits} | {queries} |")
 
 
 if __name__ == "__main__":

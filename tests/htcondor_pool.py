@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ def htcondor_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HTCondor
     env_file = tmp_path_factory.mktemp("htcondor") / "htcondor.env"
     proc = subprocess.run(
         ["bash", str(SCRIPT)],
-        env={**os.environ, "BATCHPOOL_HTCONDOR_ENV": str(env_file)},
+        # PYTHON: the pool's jobs run this interpreter, with this batchpool, mounted as is
+        env={**os.environ, "BATCHPOOL_HTCONDOR_ENV": str(env_file), "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=SETUP_TIMEOUT - 60,
@@ -100,7 +102,7 @@ def htcondor_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HTCondor
         yield HTCondorPool(
             job_user=env["BATCHPOOL_HTCONDOR_USER"],
             shared=Path(env["BATCHPOOL_HTCONDOR_SHARED"]),
-            exec_argv=tuple(env["BATCHPOOL_HTCONDOR_EXEC"].strip("\"").split()),
+            exec_argv=tuple(env["BATCHPOOL_HTCONDOR_EXEC"].strip('"').split()),
         )
     finally:
         if saved is None:
