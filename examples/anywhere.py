@@ -32,7 +32,7 @@ def count_primes(start: int, stop: int) -> tuple[int, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="local", help="local, dask, slurm, sge, docker, ...")
+    parser.add_argument("--backend", default="local", help="local, dask, ray, slurm, sge, ...")
     parser.add_argument("--storage", default=None, help="a folder or fsspec URL jobs reach")
     parser.add_argument("--image", default=None, help="the jobs' container image (docker)")
     parser.add_argument(
