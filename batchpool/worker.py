@@ -40,6 +40,7 @@ from batchpool.codeship import prepare_worker, share_globals
 from batchpool.documents import Document, EndMarker, StartMarker
 from batchpool.errors import (
     FATAL_EXIT_CODE,
+    BackendError,
     EnvironmentMismatchError,
     InitializerError,
     IntegrityError,
@@ -568,8 +569,20 @@ class _Capture:
         if self._saved is not None:
             os.dup2(self._saved[0], 1)
             os.dup2(self._saved[1], 2)
+            for fd in self._saved:
+                os.close(fd)
             self._saved = None
         return text
+
+    def close(self) -> None:
+        """Close the log's descriptors (after ``restore``): for a capture made per job in
+        a process that lives on."""
+        for fd in {self._log, self._reader} - {-1}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._log = self._reader = -1
 
 
 def _flush() -> None:
@@ -641,6 +654,27 @@ def run_job(
             write_end()
         else:
             deferred.append(write_end)
+
+
+def run_job_here(args: Sequence[str], env: Any, working_dir: str | None = None) -> None:
+    """Run one job in this process, which lives on after it (a Dask or Ray worker), as
+    ``python -m batchpool.worker *args`` with ``env`` would: the calls' output is captured
+    for the run's ``logs/``, in ``working_dir`` when given; afterwards the descriptors and
+    the working folder are as before. The caller runs one job at a time per process
+    (descriptors 1 and 2 and the working folder are the process's)."""
+    capture = _Capture(own_file=True)
+    saved_cwd = os.getcwd() if working_dir else None
+    try:
+        if working_dir:
+            os.chdir(working_dir)
+        run_job(list(args), env, capture)
+    except SystemExit as exc:  # run_job's own "variable not set" messages
+        raise BackendError(str(exc.code)) from None
+    finally:
+        capture.restore()
+        capture.close()
+        if saved_cwd is not None:
+            os.chdir(saved_cwd)
 
 
 #: What an end marker keeps of a chunk's outcome meta.

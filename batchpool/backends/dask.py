@@ -144,16 +144,9 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
                     "calls twice"
                 )
         saved_env = {name: os.environ.get(name) for name in env}
-        saved_cwd = os.getcwd() if working_dir else None
-        capture = worker._Capture(own_file=True)
-        saved_fds = capture._saved
         try:
             os.environ.update(env)
-            if working_dir:
-                os.chdir(working_dir)
-            worker.run_job(args, env, capture)
-        except SystemExit as exc:  # run_job's own "variable not set" messages
-            raise BackendError(str(exc.code)) from None
+            worker.run_job_here(args, env, working_dir)
         except BaseException as exc:
             # A failure of the task itself (not of a call): say so in the mark, so
             # a retry the user asked Dask for (``retries=``) runs the job again.
@@ -166,14 +159,6 @@ def _run_job(args: Sequence[str], env: Mapping[str, str], working_dir: str | Non
                 pass
             raise
         finally:
-            capture.restore()
-            for fd in (capture._log, *(saved_fds or ())):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            if saved_cwd is not None:
-                os.chdir(saved_cwd)
             for name, value in saved_env.items():
                 if value is None:
                     os.environ.pop(name, None)

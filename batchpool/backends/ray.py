@@ -94,28 +94,8 @@ def _run_job(args: Sequence[str], working_dir: str | None = None) -> None:
     """
     from batchpool import worker
 
-    env = dict(os.environ)
     with _job_lock:
-        saved_cwd = os.getcwd() if working_dir else None
-        capture = worker._Capture(own_file=True)
-        saved_fds = capture._saved
-        reader = capture._reader
-        try:
-            if working_dir:
-                os.chdir(working_dir)
-            worker.run_job(list(args), env, capture)
-        except SystemExit as exc:  # run_job's own "variable not set" messages
-            raise BackendError(str(exc.code)) from None
-        finally:
-            capture.restore()
-            fds = {capture._log, reader, *(saved_fds or ())}
-            for fd in fds - {-1}:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            if saved_cwd is not None:
-                os.chdir(saved_cwd)
+        worker.run_job_here(args, dict(os.environ), working_dir)
 
 
 def task_options(resources: Resources, env: dict[str, str]) -> dict[str, Any]:
