@@ -178,3 +178,17 @@ def mark_and_fail_every(folder: str, x: int, every: int) -> int:
     if x % every == 0:
         raise ValueError(f"item {x}")
     return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+class Oddity(ValueError):
+    pass
+
+
+def odd_fails(x: int) -> int:
+    if x % 2:
+        raise Oddity(f"{x} is odd")
+    return x

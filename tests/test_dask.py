@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from calls import Oddity, odd_fails, square
 
 from batchpool import BatchPoolExecutor, WorkerLostError
 from batchpool.backends.base import JobEvent, JobSpec, JobState, available_backends
@@ -61,20 +62,6 @@ def ex(client: Any, tmp_path: Path) -> Iterator[BatchPoolExecutor]:
         backend=DaskBackend(client), storage=str(tmp_path / "store"), max_attempts=2
     ) as ex:
         yield ex
-
-
-def square(x: int) -> int:
-    return x * x
-
-
-class Oddity(ValueError):
-    pass
-
-
-def odd_fails(x: int) -> int:
-    if x % 2:
-        raise Oddity(f"{x} is odd")
-    return x
 
 
 def die(x: int, runs: str) -> int:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from calls import Oddity, odd_fails, square
 from services.ray_head import ENV as RAY_ENV
 
 from batchpool import BatchPoolExecutor, WorkerLostError
@@ -97,20 +98,6 @@ def ex(connected: str, tmp_path: Path) -> Iterator[BatchPoolExecutor]:
         backend=RayBackend(connected), storage=str(tmp_path / "store"), max_attempts=2
     ) as ex:
         yield ex
-
-
-def square(x: int) -> int:
-    return x * x
-
-
-class Oddity(ValueError):
-    pass
-
-
-def odd_fails(x: int) -> int:
-    if x % 2:
-        raise Oddity(f"{x} is odd")
-    return x
 
 
 def die_first_time(x: int, runs: str) -> int:

@@ -59,6 +59,22 @@ def file_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
+def output_words(path: str) -> str:
+    """The tail of a job's output file for an explanation, or that there is none."""
+    tail = file_tail(path)
+    if tail:
+        return f"last lines of {path}:\n{tail}"
+    return f"its output file {path} is empty or missing"
+
+
+def remember(table: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """``table[key] = value``, dropping the oldest entries past ``limit`` (a backend's
+    memory of ended jobs stays bounded however many jobs a run has)."""
+    table[key] = value
+    while len(table) > limit:
+        table.pop(next(iter(table)))
+
+
 _AMOUNT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 _MIB_PER_UNIT = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 

@@ -69,7 +69,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify
+from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, remember
 from batchpool.documents import DocumentError, StartMarker
 from batchpool.errors import BackendError, is_fatal
 from batchpool.processes import boot_id, same_process
@@ -558,18 +558,14 @@ class DaskBackend(Backend):
         with self._lock:
             if job_id in self._ended or job_id not in self._notify:
                 return
-            self._ended[job_id] = state
-            while len(self._ended) > FINISHED_MEMORY:
-                self._ended.pop(next(iter(self._ended)))
+            remember(self._ended, job_id, state, FINISHED_MEMORY)
             self._futures.pop(job_id, None)  # releases the task on the cluster
             self._tasks.pop(job_id, None)
             self._resubmits.pop(job_id, None)
             self._orphans.discard(job_id)
             notify = self._notify.pop(job_id)
             if detail or why:
-                self._why[job_id] = detail or why
-                while len(self._why) > EXPLAIN_MEMORY:
-                    self._why.pop(next(iter(self._why)))
+                remember(self._why, job_id, detail or why, EXPLAIN_MEMORY)
         if notify is not None:
             notify(JobEvent(job_id, state, reason=why, fatal=fatal))
 

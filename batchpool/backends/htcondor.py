@@ -42,7 +42,7 @@ from batchpool.backends.base import (
     Notify,
     amount_mib,
     duration_seconds,
-    file_tail,
+    output_words,
     signal_name,
 )
 from batchpool.backends.script import alike_groups, batch_name, job_script
@@ -554,11 +554,7 @@ class HTCondorBackend(Backend):
                 log_path = out
         elif not parts:
             parts.append("HTCondor knows no such job, in its queue or its history")
-        tail = file_tail(log_path)
-        if tail:
-            parts.append(f"last lines of {log_path}:\n{tail}")
-        else:
-            parts.append(f"its output file {log_path} is empty or missing")
+        parts.append(output_words(log_path))
         return "; ".join(parts)
 
     def cancel(self, job_ids: Sequence[str]) -> None:

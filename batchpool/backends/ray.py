@@ -65,6 +65,7 @@ from batchpool.backends.base import (
     Notify,
     Resources,
     amount_mib,
+    remember,
 )
 from batchpool.errors import BackendError, is_fatal
 
@@ -350,16 +351,12 @@ class RayBackend(Backend):
         with self._lock:
             if job_id in self._ended or job_id not in self._notify:
                 return
-            self._ended[job_id] = state
-            while len(self._ended) > FINISHED_MEMORY:
-                self._ended.pop(next(iter(self._ended)))
+            remember(self._ended, job_id, state, FINISHED_MEMORY)
             self._refs.pop(job_id, None)  # releases the task's (empty) result
             self._cancelled.discard(job_id)
             notify = self._notify.pop(job_id)
             if detail or why:
-                self._why[job_id] = detail or why
-                while len(self._why) > EXPLAIN_MEMORY:
-                    self._why.pop(next(iter(self._why)))
+                remember(self._why, job_id, detail or why, EXPLAIN_MEMORY)
         if notify is not None:
             notify(JobEvent(job_id, state, reason=why, fatal=fatal))
 

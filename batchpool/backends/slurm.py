@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, file_tail
+from batchpool.backends.base import Backend, JobSpec, JobState, Notify, Resources, output_words
 from batchpool.backends.script import alike_groups, batch_name, job_script
 from batchpool.errors import BackendError
 
@@ -486,11 +486,7 @@ class SlurmBackend(Backend):
                 parts.append(f"(sacct could not tell: {exc})")
         if not log_path or "%" in log_path:
             log_path = os.path.join(self.log_dir, f"slurm-{array_id}_{index}.out")
-        tail = file_tail(log_path)
-        if tail:
-            parts.append(f"last lines of {log_path}:\n{tail}")
-        else:
-            parts.append(f"its output file {log_path} is empty or missing")
+        parts.append(output_words(log_path))
         return "; ".join(parts)
 
     def cancel(self, job_ids: Sequence[str]) -> None:
