@@ -189,8 +189,14 @@ def test_one_cluster_per_group_and_environment_arrives_exactly(
     assert backend.submit_calls == 2  # the three alike are one cluster of three procs
     assert len({i.split(".")[0] for i in ids}) == 2
     assert [i.split(".")[1] for i in ids] == ["0", "1", "2", "0"]
+    split = HTCondorBackend(log_dir=logs, max_cluster_size=2)
+    more = split.submit(jobs)  # three alike, at most two per cluster
+    assert split.submit_calls == 2 and [i.split(".")[1] for i in more] == ["0", "1", "0"]
+    ids += more
     states = wait_final(backend, ids)
-    assert [states[i] for i in ids] == [JobState.SUCCEEDED] * 3 + [JobState.FAILED]
+    assert [states[i] for i in ids] == [JobState.SUCCEEDED] * 3 + [JobState.FAILED] + [
+        JobState.SUCCEEDED
+    ] * 3
     for i in range(3):
         got = {v: (out / f"{i}.{v}").read_text(encoding="utf-8") for v in tricky}
         assert got == tricky, i

@@ -199,6 +199,8 @@ class HTCondorBackend(Backend):
       also ends up in the run's ``logs/`` in storage.
     - ``max_jobs``: how many jobs run at once, for sizing ``map``'s chunks when the
       executor gets no ``max_workers``; default: the pool's CPUs, or 64.
+    - ``max_cluster_size``: the most procs per cluster (one submit); larger groups are
+      split (default 20,000, HTCondor's default ``MAX_JOBS_PER_SUBMISSION``).
     - ``min_status_interval``: seconds between two queue queries at least; a poll sooner
       than that is answered from the last one.
     """
@@ -218,10 +220,15 @@ class HTCondorBackend(Backend):
         submit_options: Mapping[str, str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         max_jobs: int | None = None,
+        max_cluster_size: int = 20_000,
         min_status_interval: float = 1.0,
     ) -> None:
-        if max_jobs is not None and (not isinstance(max_jobs, int) or max_jobs <= 0):
-            raise ValueError(f"max_jobs={max_jobs!r} must be a positive int or None")
+        for label, value in (("max_jobs", max_jobs), ("max_cluster_size", max_cluster_size)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(f"{label}={value!r} must be a positive int")
+        self.max_cluster_size = max_cluster_size
         self.pool = pool
         self.schedd_name = schedd_name
         self.accounting_group = accounting_group
@@ -406,10 +413,13 @@ class HTCondorBackend(Backend):
         if not jobs:
             return []
         ids: list[str | None] = [None] * len(jobs)
-        for positions in alike_groups(jobs):
-            cluster = self._submit_cluster([jobs[p] for p in positions])
-            for proc, position in enumerate(positions):
-                ids[position] = f"{cluster}.{proc}"
+        for group in alike_groups(jobs):
+            # A schedd refuses a submission of more than MAX_JOBS_PER_SUBMISSION jobs.
+            for start in range(0, len(group), self.max_cluster_size):
+                positions = group[start : start + self.max_cluster_size]
+                cluster = self._submit_cluster([jobs[p] for p in positions])
+                for proc, position in enumerate(positions):
+                    ids[position] = f"{cluster}.{proc}"
         return [i for i in ids if i is not None]
 
     def _submit_cluster(self, specs: Sequence[JobSpec]) -> int:
@@ -445,7 +455,7 @@ class HTCondorBackend(Backend):
                 "with a requirements expression or the pool's own attribute, e.g. "
                 'extra_args=["requirements = ...", \'+JobFlavour = "espresso"\']'
             )
-        out = os.path.join(self.log_dir, "htcondor-$(Cluster).$(Process).out")
+        out = os.path.join(submit_value(self.log_dir), "htcondor-$(Cluster).$(Process).out")
         description = {
             "batch_name": batch_name(specs),
             "arguments": "$(Process)",
