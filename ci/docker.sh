@@ -96,11 +96,7 @@ export DOCKER_HOST=unix://$SOCK
 
 # -- the base image: Debian bookworm with python3 and pip, from the mirror apt uses ---------
 if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1)
-    if [ -z "$mirror" ]; then
-        mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
-    fi
-    [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or sources.list"
+    mirror=$(bash "$(dirname "$0")/debian-mirror.sh") || die "no Debian mirror to debootstrap from"
     rootfs=$ROOT/rootfs-bookworm
     rm -rf "$rootfs"
     log "building $BASE_IMAGE with debootstrap from $mirror (about 90 s)"

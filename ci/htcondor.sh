@@ -81,11 +81,7 @@ fi
 
 # -- the image: trixie minbase, then minicondor and the job user --------------------------
 if ! "$DOCKER" image inspect "$IMAGE" >/dev/null 2>&1; then
-    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1)
-    if [ -z "$mirror" ]; then
-        mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
-    fi
-    [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or sources.list"
+    mirror=$(bash "$HERE/debian-mirror.sh") || die "no Debian mirror to debootstrap from"
     rootfs=$ROOT/rootfs-trixie
     rm -rf "$rootfs"
     log "debootstrap trixie from $mirror (about 60 s)"
