@@ -143,8 +143,8 @@ while holder=$(held_by); do
     waited=$((waited + 1))
 done
 
-node_idle() {
-    sinfo --noheader --format='%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)'
+node_idle() {  # the node answers and can run jobs: "idle", not "idle*" (not responding)
+    sinfo --noheader --format='%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)$'
 }
 
 # Fast path: everything runs already.

@@ -13,6 +13,27 @@ from batchpool import BatchPoolExecutor
 # The GCS emulator and the moto S3 server, started once per session when a test needs them.
 pytest_plugins = ["stores", "containers", "htcondor_pool"]
 
+#: The session fixtures that install and start a cluster (ci/slurm.sh, ci/sge.sh), and the
+#: seconds their set-up may add to a test's timeout: on a fresh machine apt installs the
+#: packages, and a start that failed is tried once more after a stop.
+CLUSTER_FIXTURES = {"slurm": 600, "sge": 600}
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the tests that will run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Every module that imports a cluster fixture has its own copy of it, set up in the
+    # set-up of the module's first test that uses it: that test gets the extra time.
+    seen: set[tuple[str, str]] = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        for name, extra in CLUSTER_FIXTURES.items():
+            if name not in getattr(item, "fixturenames", ()) or (name, str(module)) in seen:
+                continue
+            seen.add((name, str(module)))
+            marker = item.get_closest_marker("timeout")
+            base = float(marker.args[0]) if marker and marker.args else 120.0
+            item.add_marker(pytest.mark.timeout(base + extra), append=False)
+
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[BatchPoolExecutor]:

@@ -85,18 +85,38 @@ def controller_down(script: str) -> Iterator[list[str]]:
         said.append(controller(script, "start-controller"))
 
 
+#: What each engine says of its nodes and jobs, put in the failure of a test that failed.
+ENGINE_STATE = {
+    "slurm.sh": [["sinfo", "--Node", "--long"], ["squeue", "--all"]],
+    "sge.sh": [["qstat", "-f", "-u", "*"]],
+    "htcondor.sh": [],
+}
+
+
+def engine_state(script: str) -> str:
+    said = []
+    for argv in ENGINE_STATE[script]:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            said.append(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            said.append(f"$ {' '.join(argv)}\n{exc}")
+    return "\n".join(said)
+
+
 def map_through_a_restart(
     backend: Backend, script: str, outage: float, tmp_path: Path, nap: float = NAP
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    with BatchPoolExecutor(
+    bpe = BatchPoolExecutor(
         backend=backend,
         storage=str(tmp_path / "store"),
         max_workers=2,
         engine_outage_grace=600,
         cleanup_bucket=False,  # the start markers are read after the executor closed
-    ) as bpe:
+    )
+    try:
         # Without buffersize every chunk is handed to the executor now; two run at once.
         n = len(ITEMS)
         results = bpe.map(
@@ -110,6 +130,12 @@ def map_through_a_restart(
         assert "already running" not in said[0], f"the outage was cut short: {said[0]}"
         assert list(results) == [x * 10 for x in ITEMS]
         run_url = bpe.run_url
+    except Exception as exc:
+        # Not `with`: its shutdown would wait for jobs the engine may never run, and the
+        # hang would end the whole session (pytest-timeout's thread method).
+        bpe.shutdown(wait=False, cancel_futures=True)
+        raise AssertionError(f"{exc!r}; the engine says:\n{engine_state(script)}") from exc
+    bpe.shutdown(wait=True)
     assert count(marks) == dict.fromkeys(ITEMS, 1)  # each call ran once
     # map's chunks have no future of their own to ask for ``job.attempt``; the store
     # has one start marker per job that ran: ``events/<chunk>.<attempt>.start``.

@@ -38,18 +38,26 @@ def slurm() -> Iterator[str]:
     output = ""
     conf = ""
     if not why:
-        proc = subprocess.run(
-            ["bash", str(REPO / "ci" / "slurm.sh")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        output = proc.stdout + proc.stderr
-        for line in proc.stdout.splitlines():
-            if line.startswith("export SLURM_CONF="):
-                conf = line.split("=", 1)[1].strip()
-        if proc.returncode != 0 or not conf:
+        # Once more after a full stop if the first start failed: a daemon that came up
+        # badly on a fresh machine (CI once saw it) is started again from scratch.
+        for attempt in (1, 2):
+            proc = subprocess.run(
+                ["bash", str(REPO / "ci" / "slurm.sh")],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            output += f"-- ci/slurm.sh, attempt {attempt}:\n{proc.stdout}{proc.stderr}"
+            for line in proc.stdout.splitlines():
+                if line.startswith("export SLURM_CONF="):
+                    conf = line.split("=", 1)[1].strip()
+            if proc.returncode == 0 and conf:
+                break
+            subprocess.run(
+                ["bash", str(REPO / "ci" / "slurm.sh"), "stop"], timeout=120, check=False
+            )
+        else:
             why = f"ci/slurm.sh exited with status {proc.returncode}"
     if why:
         if os.environ.get("CI"):
