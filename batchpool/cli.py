@@ -738,15 +738,17 @@ UNVERIFIED = (
 )
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    store = resolve_run(args.run, args.storage_options, exact=True)
+def cancel_run(store: Store, backend_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``batchpool cancel`` does, for the command and the web page: write cancel.json,
+    then stop the run's jobs where that can be done from here. Returns what was done;
+    ``active`` lists the chunks that were still Pending, Ready or Running."""
     secret = run_secret(store)
     # Job ids and worker pids are acted on only from documents that carry the run's
     # signature: nobody who merely writes the store can name a job or a process.
     run = load_run(store, secret)
     request = CancelRequest(requested=time.time(), by=f"{user_name()}@{socket.gethostname()}")
     store.put_document(Store.CANCEL, request, None)
-    engine = engine_of(run, args.backend_options)
+    engine = engine_of(run, backend_options)
     active = [job for job in run.jobs if job.state in ACTIVE_STATES]
     cancelled: list[str] = []
     signalled: list[dict[str, Any]] = []
@@ -767,27 +769,38 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     handled = {job.chunk for job in active if job.job_id and job.job_id in cancelled}
     handled |= {entry["chunk"] for entry in (*signalled, *skipped)}
     left = [job.chunk for job in active if job.chunk not in handled]
-    document = {
+    return {
         "run": run.url,
         "cancel_marker": store.path(Store.CANCEL),
         **to_builtins(request),
         "backend": engine.name,
         "verified": run.verified,
+        "active": [job.chunk for job in active],
         "cancelled_job_ids": cancelled,
         "signalled": signalled,
         "skipped": skipped,
         "left_to_client": left,
         "problems": run.problems,
     }
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    store = resolve_run(args.run, args.storage_options, exact=True)
+    document = cancel_run(store, args.backend_options)
+    active = document.pop("active")
+    cancelled = document["cancelled_job_ids"]
+    signalled, skipped = document["signalled"], document["skipped"]
+    left = document["left_to_client"]
+    engine_name = document["backend"]
     if args.json:
         print_json(document)
     elif not active:
         print("nothing to cancel: every job has ended")
     else:
-        print(f"wrote {store.path(Store.CANCEL)}: a live client stops retrying and dispatching")
+        print(f"wrote {document['cancel_marker']}: a live client stops retrying and dispatching")
         if cancelled:
             ids = ", ".join(cancelled)
-            print(f"cancelled {plural(len(cancelled), 'job')} on {engine.name}: {ids}")
+            print(f"cancelled {plural(len(cancelled), 'job')} on {engine_name}: {ids}")
         if signalled:
             pids = ", ".join(f"{s['pid']} (chunk {s['chunk']})" for s in signalled)
             print(f"sent SIGTERM to {plural(len(signalled), 'worker')}: {pids}")
@@ -798,7 +811,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 f"{plural(len(left), 'job')} not yet running: cancel.json tells the client "
                 "not to run them"
             )
-    for problem in run.problems:
+    for problem in document["problems"]:
         print(f"batchpool cancel: {safe(problem)}", file=sys.stderr)
     return EXIT_OK if active else EXIT_TROUBLE
 
@@ -1068,6 +1081,24 @@ def build_parser() -> argparse.ArgumentParser:
     backend_options(clean)
     clean.set_defaults(handler=cmd_clean)
 
+    ui = command("ui", "serve a web page of every run under STORAGE (needs batchpool[ui])")
+    ui.add_argument("storage", metavar="STORAGE", help="the folder or URL that holds runs")
+    ui.add_argument("--port", type=int, default=8765, help="the port (default 8765; 0: any free)")
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1: this machine only)",
+    )
+    ui.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than a loopback address: the page, with its logs and its "
+        "Cancel and Delete buttons, is then reachable from other machines (plain HTTP)",
+    )
+    ui.add_argument("--open", action="store_true", help="open the page in a browser too")
+    backend_options(ui)
+    ui.set_defaults(handler=cmd_ui)
+
     image = command("image", "container images for workers")
     image_commands = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     build = image_commands.add_parser(
@@ -1090,6 +1121,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(handler=cmd_image_build)
     return parser
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from batchpool.ui import UIServer, is_loopback
+    except ImportError as exc:  # pragma: no cover - the [ui] extra is part of [test]
+        raise CommandError(str(exc)) from exc
+    root = open_root(args.storage, args.storage_options)
+    if not storage_exists(root):
+        raise CommandError(f"{args.storage} does not exist; give the folder that holds runs")
+    try:
+        server = UIServer(
+            (root.fs, root.root),
+            host=args.host,
+            port=args.port,
+            allow_remote=args.allow_remote,
+            backend_options=dict(args.backend_options),
+        )
+    except ImportError as exc:
+        raise CommandError(str(exc)) from exc
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise CommandError(
+            f"could not listen on {args.host}:{args.port} ({exc}); "
+            "give another --port (0 picks a free one)"
+        ) from exc
+    if not is_loopback(args.host):
+        print(
+            f"batchpool ui: warning: listening on {args.host}, not only on this machine: "
+            "whoever has the URL below can read the runs' logs and cancel or delete runs; "
+            "the traffic is plain HTTP",
+            file=sys.stderr,
+        )
+    print(f"batchpool ui: the runs of {root.url} at", flush=True)
+    print(server.url, flush=True)
+    print("(the token in the URL lets its holder cancel and delete runs; Ctrl-C stops)", flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return EXIT_OK
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

@@ -194,6 +194,8 @@ class EndMarker(Document, kw_only=True):
     calls: Count | None = None
     failed: Count = 0
     errors: list[Text] = []
+    #: The remote tracebacks of the first calls that raised (text, newest frame last).
+    tracebacks: list[Text] = []
     #: The worker itself failed (not a call): why.
     error: Text | None = None
 

@@ -826,11 +826,17 @@ class Watcher:
         """Keep what is known of a job that died without saving its output in ``logs/``,
         so ``future.logs()`` and ``batchpool logs`` show it from anywhere."""
         key = self.store.log_key(chunk.id, chunk.attempt)
-        if self.store.exists(key):
+        try:  # what the job saved while it ran (the worker's live log), if anything
+            saved = self.store.get(key).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            saved = ""
+        if "batchpool: the job ended without a result" in saved:
             return
         text = f"batchpool: the job ended without a result: {reason}\n"
         if tail:
             text += f"Last lines of its output:\n{tail.rstrip()}\n"
+        if saved:
+            text = f"{saved.rstrip()}\n{text}"
         self.store.put(key, text.encode())
 
     def _cancel_marked(self) -> bool:

@@ -292,6 +292,8 @@ def run_chunk(
         "failed": sum(e[0] == ERROR for e in special),
         # The first few, readable without the secret (``batchpool status``).
         "errors": [f"{e[2]}: {e[3]}"[:300] for e in special if e[0] == ERROR][:3],
+        # Their remote tracebacks, as text (the web page shows them without unpickling).
+        "tracebacks": [str(e[4])[-20_000:] for e in special if e[0] == ERROR][:3],
         "blobs_loaded": _blob_cache.loads - loads_before,
     }
     if mismatch:
@@ -500,6 +502,39 @@ def _add_entries(
         entries.append(special.get(index) or value_entry(value, serializer, name))
 
 
+#: Seconds between the saves of a running job's output to ``logs/`` (the web page's
+#: "follow"); a job shorter than this saves its output once, at its end.
+LIVE_LOG_SECONDS = float(os.environ.get("BATCHPOOL_LIVE_LOG_SECONDS", "10"))
+
+
+class _LiveLog:
+    """Saves what a running job printed so far to its log key, every ``LIVE_LOG_SECONDS``
+    while it grew: a thread of the job's process, stopped before the final save."""
+
+    def __init__(self, capture: _Capture, store: Store, key: str) -> None:
+        self._capture, self._store, self._key = capture, store, key
+        self._stop = threading.Event()
+        self._saved = 0
+        self._thread = threading.Thread(target=self._run, name="batchpool-live-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LIVE_LOG_SECONDS):
+            try:
+                text = self._capture.so_far()
+                if text is None:
+                    return
+                if len(text) > self._saved:
+                    self._store.put(self._key, text)
+                    self._saved = len(text)
+            except Exception:  # best effort: the final save at the job's end still comes
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class _Capture:
     """The output of one job, captured from file descriptors 1 and 2 into a log file.
 
@@ -562,6 +597,15 @@ class _Capture:
         size = os.fstat(reader).st_size - self._start
         self.printed = size > 0
         return os.pread(reader, size, self._start) if size > 0 else b""
+
+    def so_far(self) -> bytes | None:
+        """What the job printed since ``begin``, read from another thread while it runs;
+        None when this capture cannot be read back (its output goes to a pipe)."""
+        if self._reader < 0:
+            return None
+        _flush()
+        size = os.fstat(self._reader).st_size - self._start
+        return os.pread(self._reader, size, self._start) if size > 0 else b""
 
     def restore(self) -> bytes:
         """Put back the original descriptors; return what was captured."""
@@ -632,6 +676,7 @@ def run_job(
     _put_marker(store, store.start_key(chunk, attempt), start, secret)
     end = EndMarker(chunk=chunk, attempt=attempt)
     capture.begin()
+    live = _LiveLog(capture, store, store.log_key(chunk, attempt))
     try:
         skip = frozenset(int(i) for i in parsed.skip.split(",") if i)
         meta = run_chunk(store, secret, chunk, attempt, skip)
@@ -641,6 +686,7 @@ def run_job(
         end.ended = time.time()
         raise
     finally:
+        live.stop()  # before the final save, so that no older text overwrites it
         log = capture.end()
         if log:  # best effort, as the markers: its failure must not hide the job's own
             try:
