@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
@@ -63,6 +63,9 @@ from batchpool.serialization import (
 )
 from batchpool.store import STORE_ENV, Store, open_storage
 from batchpool.watcher import Watcher
+
+if TYPE_CHECKING:
+    from batchpool.ui import UIServer
 
 # -- interpreter exit: as the stdlib does, let submitted work finish ------------------------
 
@@ -359,6 +362,7 @@ class BatchPoolExecutor(cf.Executor):
         self._futures = _reopened.futures if _reopened is not None else []
         job_env = {STORE_ENV: store.spec(), SECRET_ENV: secret.hex(), "PYTHONUNBUFFERED": "1"}
         self._store = store
+        self._ui: UIServer | None = None  # the web page (``ui``), once asked for
         self._payloads.use_store(store)
         header: dict[str, Any] = dict(versions)
         if initializer_data is not None:  # each worker process runs it before its first call
@@ -427,6 +431,24 @@ class BatchPoolExecutor(cf.Executor):
         time times the CPUs each job asked for: what batch services bill), the largest
         peak memory of a job, and ``cost`` when ``cost_per_core_hour`` was given."""
         return self._watcher.usage()
+
+    def ui(self, *, open_browser: bool = True, port: int = 0) -> str:
+        """Serve the web page of this run's storage (``batchpool ui``; needs the ``ui``
+        extra) from a thread of this process, on 127.0.0.1, and return the URL of this
+        run's page, with the server's token; it opens in a browser unless
+        ``open_browser=False`` (in a notebook, the URL is the cell's output). The server
+        lives as long as this process; calling ``ui`` again returns the same page."""
+        if self._ui is None:
+            from batchpool.ui import UIServer
+
+            root = self._store.root.rsplit("/", 1)[0]
+            self._ui = UIServer((self._store.fs, root), port=port).start()
+        url = self._ui.run_url(self._store.root.rsplit("/", 1)[-1])
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+        return url
 
     @classmethod
     def attach(

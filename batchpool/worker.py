@@ -601,11 +601,12 @@ class _Capture:
     def so_far(self) -> bytes | None:
         """What the job printed since ``begin``, read from another thread while it runs;
         None when this capture cannot be read back (its output goes to a pipe)."""
-        if self._reader < 0:
+        reader = self._reader if self._reader >= 0 else self._log
+        if reader < 0 or not stat.S_ISREG(os.fstat(reader).st_mode):
             return None
         _flush()
-        size = os.fstat(self._reader).st_size - self._start
-        return os.pread(self._reader, size, self._start) if size > 0 else b""
+        size = os.fstat(reader).st_size - self._start
+        return os.pread(reader, size, self._start) if size > 0 else b""
 
     def restore(self) -> bytes:
         """Put back the original descriptors; return what was captured."""

@@ -11,7 +11,7 @@ import pytest
 from batchpool import BatchPoolExecutor
 
 # The GCS emulator and the moto S3 server, started once per session when a test needs them.
-pytest_plugins = ["stores", "containers", "htcondor_pool"]
+pytest_plugins = ["stores", "containers", "htcondor_pool", "browser"]
 
 #: The session fixtures that install and start a cluster (ci/slurm.sh, ci/sge.sh), and the
 #: seconds their set-up may add to a test's timeout: on a fresh machine apt installs the
