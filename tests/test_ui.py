@@ -90,7 +90,7 @@ def test_static_files_and_security_headers(server: UIServer) -> None:
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert page.headers["X-Content-Type-Options"] == "nosniff"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     assert "http://" not in page.text.replace(server.base_url, "")  # nothing from the internet
 
 

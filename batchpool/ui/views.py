@@ -154,7 +154,7 @@ def run_summary(folder: str, loaded: LoadedRun) -> dict[str, Any]:
         "cpu_seconds": round(usage.cpu_seconds, 1),
         "cpu": cli.format_duration(usage.cpu_seconds if usage.jobs else None),
         "core_hours": round(usage.core_hours, 4),
-        "cost": None if usage.cost is None else round(usage.cost, 4),
+        "cost": usage.cost,
         "size_bytes": run.size_bytes,
         "size": format_bytes(run.size_bytes),
         "problems": run.problems,
@@ -203,7 +203,7 @@ def job_row(job: JobView, price: float | None = None) -> dict[str, Any]:
         "peak_memory": "-"
         if job.peak_memory_bytes is None
         else format_bytes(job.peak_memory_bytes),
-        "cost": None if cost is None else round(cost, 6),
+        "cost": cost,
     }
 
 
@@ -278,7 +278,9 @@ def timeline(storage: Storage, folder: str) -> dict[str, Any]:
     index = {name: i for i, name in enumerate(lanes)}
     bars = []
     for job in started:
-        end = job.ended if job.ended is not None else None
+        end = job.ended
+        if end is None and job.state in FINAL_STATES:
+            end = job.started  # it ended without saying when (killed, given up): a tick
         bars.append(
             [
                 index[lane_of(job)],
@@ -354,6 +356,8 @@ def job_page(storage: Storage, folder: str, chunk: str) -> dict[str, Any]:
                 if end is not None and end.peak_memory_bytes is not None
                 else "-",
                 "error": (end.error if end is not None else None) or "",
+                "errors": list(end.errors) if end is not None else [],
+                "tracebacks": list(end.tracebacks) if end is not None else [],
                 "log": log_of(run, job, attempt),
             }
         )
