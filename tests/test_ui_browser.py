@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,37 @@ def test_the_cancel_button_cancels_a_live_run(browser: WebDriver, tmp_path: Path
         finally:
             gate.touch()  # whatever failed, the held jobs end: no hang in shutdown
     assert (storage / folder / "cancel.json").exists()
+
+
+def test_batchpool_ui_shows_the_runs_of_examples_operate(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    """The README's promise: `batchpool ui STORAGE` shows the run examples/operate.py made."""
+    storage = tmp_path / "runs"
+    example = Path(__file__).resolve().parent.parent / "examples" / "operate.py"
+    made = subprocess.run(
+        [sys.executable, str(example), str(storage)], capture_output=True, text=True, timeout=300
+    )
+    assert made.returncode == 0, made.stderr
+    command = subprocess.Popen(
+        [sys.executable, "-m", "batchpool", "ui", str(storage), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert command.stdout is not None
+        url = [command.stdout.readline(), command.stdout.readline()][1].strip()
+        browser.get(url)
+        wait_for(browser, "tr.run-row")
+        row = browser.find_element(By.CSS_SELECTOR, "tr.run-row").text
+        assert "nightly" in row and "2 Failed" in row
+        browser.find_element(By.CSS_SELECTOR, "tr.run-row td a").click()
+        wait_for(browser, "table#jobs tr.job-row")
+        calls = browser.find_element(By.CSS_SELECTOR, 'dd[data-field="calls"]').text
+        assert calls == "6 Success, 2 Failed"
+        assert "shard-3.txt is corrupt" in browser.find_element(By.ID, "errors").text
+        keep(browser, tmp_path, "operate")
+    finally:
+        command.terminate()
+        command.wait(timeout=30)

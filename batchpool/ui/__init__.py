@@ -51,7 +51,7 @@ class UIServer:
         backend_options: dict[str, Any] | None = None,
     ) -> None:
         try:
-            from werkzeug.serving import make_server
+            from werkzeug.serving import WSGIRequestHandler, make_server
 
             from batchpool.ui import app as app_module
             from batchpool.ui import views
@@ -69,8 +69,15 @@ class UIServer:
         self.storage = views.Storage(Store(fs, root.rstrip("/"), retry_deadline=30.0))
         self.token = secrets.token_urlsafe(24)
         self.host = host
+
         # The port is known once bound (port=0 picks a free one); the app needs it.
-        self._server = make_server(host, port, _unset_app, threaded=True)
+        class Quiet(WSGIRequestHandler):
+            """No access log on stderr (a notebook's output, a script's): errors only."""
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                pass
+
+        self._server = make_server(host, port, _unset_app, threaded=True, request_handler=Quiet)
         self.port = int(self._server.server_port)
         loopback = is_loopback(host)
         hosts = {f"{host}:{self.port}", f"localhost:{self.port}", f"127.0.0.1:{self.port}"}

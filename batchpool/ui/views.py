@@ -289,9 +289,12 @@ def timeline(storage: Storage, folder: str) -> dict[str, Any]:
                 JOB_STATES.index(job.state),
             ]
         )
+    running = any(bar[2] is None for bar in bars)
+    last = max((bar[2] for bar in bars if bar[2] is not None), default=0.0)
     return {
         "t0": t0,
-        "now": round(time.time() - t0, 3),
+        # the right end of the time axis: now while jobs run, else the last end
+        "now": round(time.time() - t0, 3) if running else last,
         "lanes": lanes,
         "bars": bars,
         "states": list(JOB_STATES),
