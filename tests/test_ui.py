@@ -6,7 +6,6 @@ backend (tests/ui_runs.py); requests talks to it as a browser would."""
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, hold
+from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, hold, live_run
 
 from batchpool import BatchPoolExecutor
 from batchpool.ui import UIServer
@@ -216,16 +215,8 @@ def test_actions_are_post_only_with_the_token_from_this_site(
 
 
 def test_cancel_a_live_run_then_delete_it(tmp_path: Path) -> None:
-    storage = tmp_path / "runs"
-    gate = tmp_path / "gate"
-    with (
-        BatchPoolExecutor(
-            name="live", storage=str(storage), max_workers=2, max_attempts=1, cleanup_bucket=False
-        ) as bpe,
-        UIServer(str(storage)) as server,
-    ):
-        futures = [bpe.submit(hold, str(gate), i) for i in range(4)]
-        folder = bpe.run_url.rsplit("/", 1)[-1]
+    with live_run(tmp_path) as live:
+        server, folder, storage = live.server, live.folder, live.storage
         session = signed_in(server)
         deadline = time.monotonic() + 60
         while api(session, server, f"/api/runs/{folder}")["jobs"].get("Running", 0) < 1:
@@ -240,7 +231,7 @@ def test_cancel_a_live_run_then_delete_it(tmp_path: Path) -> None:
         assert done.status_code == 303
         notice = session.get(server.base_url + done.headers["Location"], timeout=30).text
         assert "cancel requested" in notice
-        for future in futures:  # no future waits forever: each ends, cancelled or failed
+        for future in live.futures:  # no future waits forever: each ends, cancelled or failed
             assert future.exception(timeout=120) is not None or future.cancelled()
     assert (storage / folder / "cancel.json").exists()
     with UIServer(str(storage)) as server:
@@ -252,22 +243,18 @@ def test_cancel_a_live_run_then_delete_it(tmp_path: Path) -> None:
 
 
 def test_delete_of_a_live_run_when_ticked(tmp_path: Path) -> None:
-    storage = tmp_path / "runs"
-    gate = tmp_path / "gate"
-    with (
-        BatchPoolExecutor(
-            name="doomed", storage=str(storage), max_workers=1, max_attempts=1, cleanup_bucket=False
-        ) as bpe,
-        UIServer(str(storage)) as server,
-    ):
-        future = bpe.submit(hold, str(gate))
-        folder = bpe.run_url.rsplit("/", 1)[-1]
-        session = signed_in(server)
-        response = form(session, server, f"/runs/{folder}/delete", token=server.token, force="yes")
+    with live_run(tmp_path, "doomed", calls=1) as live:
+        session = signed_in(live.server)
+        response = form(
+            session,
+            live.server,
+            f"/runs/{live.folder}/delete",
+            token=live.server.token,
+            force="yes",
+        )
         assert response.status_code == 303
-        assert not (storage / folder / "manifest.json").exists()
-        gate.touch()
-        future.exception(timeout=120)  # it ends (its store is gone): no hang
+        assert not (live.storage / live.folder / "manifest.json").exists()
+    live.futures[0].exception(timeout=120)  # it ended (its store is gone): no hang
 
 
 # -- a store that cannot be read ------------------------------------------------------------
@@ -452,8 +439,3 @@ def test_serving_from_threads_at_once(server: UIServer, ended: EndedRun) -> None
     for t in threads:
         t.join(timeout=120)
     assert not errors
-
-
-def test_ui_runs_helper_is_importable_in_workers() -> None:
-    # the calls of ui_runs run in worker processes: tests/ is on their path
-    assert os.path.exists(Path(__file__).with_name("ui_runs.py"))

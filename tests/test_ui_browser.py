@@ -20,9 +20,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-from ui_runs import EndedRun, ended_run, hold
+from ui_runs import EndedRun, ended_run, live_run
 
-from batchpool import BatchPoolExecutor
 from batchpool.ui import UIServer
 
 pytest.importorskip("flask")
@@ -107,35 +106,23 @@ def test_what_a_job_printed_is_shown_not_run(
 
 
 def test_the_cancel_button_cancels_a_live_run(browser: WebDriver, tmp_path: Path) -> None:
-    storage = tmp_path / "runs"
-    gate = tmp_path / "gate"
-    with (
-        BatchPoolExecutor(
-            name="live", storage=str(storage), max_workers=2, max_attempts=1, cleanup_bucket=False
-        ) as bpe,
-        UIServer(str(storage)) as server,
-    ):
-        futures = [bpe.submit(hold, str(gate), i) for i in range(4)]
-        folder = bpe.run_url.rsplit("/", 1)[-1]
-        try:
-            browser.get(server.run_url(folder))
-            # the page refreshes itself: the Running chip appears without a reload
-            WebDriverWait(browser, WAIT).until(
-                lambda d: d.find_elements(By.CSS_SELECTOR, 'a.chip[data-state="Running"]')
-            )
-            keep(browser, tmp_path, "live")
-            browser.find_element(By.ID, "cancel-run").click()
-            wait_for(browser, "#confirm-cancel")
-            browser.find_element(By.ID, "confirm-cancel").click()
-            WebDriverWait(browser, WAIT).until(
-                lambda d: "cancel requested" in d.find_element(By.TAG_NAME, "body").text
-            )
-            deadline = time.monotonic() + WAIT
-            for future in futures:
-                assert future.exception(timeout=max(1.0, deadline - time.monotonic())) is not None
-        finally:
-            gate.touch()  # whatever failed, the held jobs end: no hang in shutdown
-    assert (storage / folder / "cancel.json").exists()
+    with live_run(tmp_path) as live:
+        browser.get(live.server.run_url(live.folder))
+        # the page refreshes itself: the Running chip appears without a reload
+        WebDriverWait(browser, WAIT).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, 'a.chip[data-state="Running"]')
+        )
+        keep(browser, tmp_path, "live")
+        browser.find_element(By.ID, "cancel-run").click()
+        wait_for(browser, "#confirm-cancel")
+        browser.find_element(By.ID, "confirm-cancel").click()
+        WebDriverWait(browser, WAIT).until(
+            lambda d: "cancel requested" in d.find_element(By.TAG_NAME, "body").text
+        )
+        deadline = time.monotonic() + WAIT
+        for future in live.futures:
+            assert future.exception(timeout=max(1.0, deadline - time.monotonic())) is not None
+    assert (live.storage / live.folder / "cancel.json").exists()
 
 
 def test_batchpool_ui_shows_the_runs_of_examples_operate(

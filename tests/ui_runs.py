@@ -3,13 +3,17 @@ by a BatchPoolExecutor on the local backend, kept in a test's storage folder."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchpool import BatchPoolExecutor
+from batchpool.ui import UIServer
 
 #: The items of ``shard`` that raise, and the one whose worker is killed (SIGKILL).
 FAILING = (3, 5)
@@ -82,3 +86,32 @@ def wait_for_end_markers(run: Path, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the end markers of {run} did not all arrive in {timeout} s")
         time.sleep(0.05)
+
+
+@dataclass
+class LiveRun:
+    executor: BatchPoolExecutor
+    server: UIServer
+    futures: list[cf.Future[int]]
+    storage: Path
+    folder: str
+
+
+@contextmanager
+def live_run(tmp_path: Path, name: str = "live", calls: int = 4) -> Iterator[LiveRun]:
+    """A run whose ``calls`` jobs hold until the block ends (two run at once), and a page
+    server for its storage. The gate opens in any case, so a failing test never leaves
+    the executor's shutdown waiting on held jobs."""
+    storage = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    with (
+        BatchPoolExecutor(
+            name=name, storage=str(storage), max_workers=2, max_attempts=1, cleanup_bucket=False
+        ) as bpe,
+        UIServer(str(storage)) as server,
+    ):
+        futures = [bpe.submit(hold, str(gate), i) for i in range(calls)]
+        try:
+            yield LiveRun(bpe, server, futures, storage, bpe.run_url.rsplit("/", 1)[-1])
+        finally:
+            gate.touch()
