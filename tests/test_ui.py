@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, hold, live_run
+from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, hold, live_run, ui_command
 
 from batchpool import BatchPoolExecutor
 from batchpool.ui import UIServer
@@ -354,59 +354,25 @@ def test_batchpool_ui_command_serves_and_refuses_a_public_address(ended: EndedRu
         timeout=60,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchpool", "ui", str(ended.storage), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline(), proc.stdout.readline()]
-        url = lines[1].strip()
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+", url), lines
-        session = requests.Session()
-        assert ended.folder in session.get(url, timeout=30).text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with ui_command(str(ended.storage)) as command:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+", command.url), command.url
+        assert ended.folder in requests.Session().get(command.url, timeout=30).text
 
 
 def test_remote_binding_warns(ended: EndedRun) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "batchpool",
-            "ui",
-            str(ended.storage),
-            "--port",
-            "0",
-            "--host",
-            "0.0.0.0",
-            "--allow-remote",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None and proc.stdout is not None
-        warning = proc.stderr.readline()
+    with ui_command(str(ended.storage), "--host", "0.0.0.0", "--allow-remote") as command:
+        assert command.process.stderr is not None
+        warning = command.process.stderr.readline()
         assert "warning" in warning and "0.0.0.0" in warning
-        url = [proc.stdout.readline(), proc.stdout.readline()][1].strip()
-        assert url.startswith("http://0.0.0.0:")
-        port = url.split(":")[2].split("/")[0]
-        token = url.split("token=")[1]
+        assert command.url.startswith("http://0.0.0.0:")
+        port = command.url.split(":")[2].split("/")[0]
+        token = command.url.split("token=")[1]
         # any Host is accepted there, the token still guards every page
         assert requests.get(f"http://127.0.0.1:{port}/api/runs", timeout=30).status_code == 403
         ok = requests.get(
             f"http://127.0.0.1:{port}/api/runs", headers={"X-BatchPool-Token": token}, timeout=30
         )
         assert ok.status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_bpe_ui_serves_the_current_run(tmp_path: Path) -> None:

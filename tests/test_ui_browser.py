@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-from ui_runs import EndedRun, ended_run, live_run
+from ui_runs import EndedRun, ended_run, live_run, ui_command
 
 from batchpool.ui import UIServer
 
@@ -135,16 +135,8 @@ def test_batchpool_ui_shows_the_runs_of_examples_operate(
         [sys.executable, str(example), str(storage)], capture_output=True, text=True, timeout=300
     )
     assert made.returncode == 0, made.stderr
-    command = subprocess.Popen(
-        [sys.executable, "-m", "batchpool", "ui", str(storage), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert command.stdout is not None
-        url = [command.stdout.readline(), command.stdout.readline()][1].strip()
-        browser.get(url)
+    with ui_command(str(storage)) as command:
+        browser.get(command.url)
         wait_for(browser, "tr.run-row")
         row = browser.find_element(By.CSS_SELECTOR, "tr.run-row").text
         assert "nightly" in row and "2 Failed" in row
@@ -154,6 +146,3 @@ def test_batchpool_ui_shows_the_runs_of_examples_operate(
         assert calls == "6 Success, 2 Failed"
         assert "shard-3.txt is corrupt" in browser.find_element(By.ID, "errors").text
         keep(browser, tmp_path, "operate")
-    finally:
-        command.terminate()
-        command.wait(timeout=30)

@@ -4,13 +4,12 @@ S3 tests use), served by the command with --storage-option, read and deleted ove
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 import requests
 from calls import divide
+from ui_runs import ui_command
 
 from batchpool import BatchPoolExecutor
 
@@ -27,17 +26,9 @@ def test_batchpool_ui_serves_a_run_in_s3(s3_storage: dict[str, Any]) -> None:
         f"--storage-option={key}={json.dumps(value)}"
         for key, value in s3_storage["storage_options"].items()
     ]
-    command = subprocess.Popen(
-        [sys.executable, "-m", "batchpool", "ui", s3_storage["storage"], "--port", "0", *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert command.stdout is not None
-        lines = [command.stdout.readline(), command.stdout.readline()]
-        assert s3_storage["storage"] in lines[0], lines
-        url = lines[1].strip()
+    with ui_command(s3_storage["storage"], *options) as command:
+        assert s3_storage["storage"] in command.said, command.said
+        url = command.url
         base = url.split("/?token=")[0]
         session = requests.Session()
         assert session.get(url, timeout=60).status_code == 200  # sets the cookie
@@ -53,6 +44,3 @@ def test_batchpool_ui_serves_a_run_in_s3(s3_storage: dict[str, Any]) -> None:
         )
         assert deleted.status_code == 303 and deleted.headers["Location"].startswith("/?notice=")
         assert session.get(base + "/api/runs", timeout=60).json()["runs"] == []
-    finally:
-        command.terminate()
-        command.wait(timeout=30)

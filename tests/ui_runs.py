@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,3 +117,32 @@ def live_run(tmp_path: Path, name: str = "live", calls: int = 4) -> Iterator[Liv
             yield LiveRun(bpe, server, futures, storage, bpe.run_url.rsplit("/", 1)[-1])
         finally:
             gate.touch()
+
+
+@dataclass
+class UICommand:
+    """A running ``batchpool ui ... --port 0``: the URL it printed, and its process."""
+
+    said: str
+    url: str
+    process: subprocess.Popen[str]
+
+
+@contextmanager
+def ui_command(*args: str) -> Iterator[UICommand]:
+    """Run ``batchpool ui ARGS --port 0`` until the block ends."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchpool", "ui", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        said = process.stdout.readline()
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://"), f"batchpool ui printed {said!r} {url!r}"
+        yield UICommand(said, url, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
