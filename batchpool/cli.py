@@ -30,7 +30,6 @@ from fsspec.implementations.local import LocalFileSystem
 from batchpool.backends.base import Backend, JobState, backend_class, make_backend
 from batchpool.documents import CancelRequest, DocumentError, Manifest, to_builtins
 from batchpool.errors import BackendError, BatchPoolError
-from batchpool.future import FINAL_STATES
 from batchpool.processes import is_our_worker, same_process
 from batchpool.recovery import find_secret, forget_secret
 from batchpool.runs import JobView, RunView, find_runs, format_bytes, read_run
@@ -525,7 +524,7 @@ def job_row(job: JobView) -> list[str]:
         "-" if job.calls is None else str(job.calls),
         job.job_id or "-",
         job.host or "-",
-        format_duration(None if job.state in FINAL_STATES and job.ended is None else job.duration),
+        format_duration(job.duration),  # None once it ended without saying when
         shorten(job_exit(job)),
         "-" if job.cpu_seconds is None else f"{job.cpu_seconds:.1f}s",
         "-" if job.peak_memory_bytes is None else format_bytes(job.peak_memory_bytes),
@@ -1124,10 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    try:
-        from batchpool.ui import UIServer, is_loopback
-    except ImportError as exc:  # pragma: no cover - the [ui] extra is part of [test]
-        raise CommandError(str(exc)) from exc
+    from batchpool.ui import UIServer, is_loopback  # Flask is imported by UIServer()
+
     root = open_root(args.storage, args.storage_options)
     if not storage_exists(root):
         raise CommandError(f"{args.storage} does not exist; give the folder that holds runs")

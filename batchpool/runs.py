@@ -48,6 +48,7 @@ __all__ = [
     "RunView",
     "Usage",
     "find_runs",
+    "format_cost",
     "open_run",
     "read_run",
 ]
@@ -122,9 +123,20 @@ class Usage:
             f"peak memory {format_bytes(self.peak_memory_bytes)}"
         )
         if self.cost is not None:
-            cost = f"{self.cost:,.2f}" if self.cost >= 1 else f"{self.cost:.2g}"
+            cost = format_cost(self.cost)
             text += f", estimated cost {cost} (at {self.cost_per_core_hour}/core-hour)"
         return text
+
+    def add_job(self, job: JobView) -> None:
+        """Count every attempt of ``job`` that ended saying how long it ran."""
+        for end in job.ends.values():
+            if end.wall_seconds is not None:
+                self.add(end, job.cpus)
+
+
+def format_cost(cost: float) -> str:
+    """Two decimals from 1 up, two significant digits below (``2.2e-05``)."""
+    return f"{cost:,.2f}" if cost >= 1 else f"{cost:.2g}"
 
 
 def format_bytes(n: float) -> str:
@@ -294,15 +306,16 @@ class RunView:
             return "finished"
         return "running"
 
+    @property
+    def cost_per_core_hour(self) -> float | None:
+        """The price the run was made with (``cost_per_core_hour=``), if any."""
+        return self.manifest.settings.cost_per_core_hour if self.manifest is not None else None
+
     def usage(self, cost_per_core_hour: float | None = None) -> Usage:
-        price = cost_per_core_hour
-        if price is None and self.manifest is not None:
-            price = self.manifest.settings.cost_per_core_hour
+        price = cost_per_core_hour if cost_per_core_hour is not None else self.cost_per_core_hour
         usage = Usage(cost_per_core_hour=price)
         for job in self.jobs:
-            for end in job.ends.values():
-                if end.wall_seconds is not None:
-                    usage.add(end, job.cpus)
+            usage.add_job(job)
         return usage
 
     def job(self, chunk: str) -> JobView:

@@ -65,8 +65,10 @@ class UIServer:
                 "would be reachable from other machines; pass allow_remote=True "
                 "(`batchpool ui --allow-remote`) if that is meant"
             )
+        from batchpool import cli  # the command's helpers (views.py reads runs with them)
+
         fs, root = open_storage(storage, storage_options)
-        self.storage = views.Storage(Store(fs, root.rstrip("/"), retry_deadline=30.0))
+        self.storage = views.Storage(Store(fs, root.rstrip("/"), retry_deadline=cli.RETRY_DEADLINE))
         self.token = secrets.token_urlsafe(24)
         self.host = host
 

@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from batchpool import cli
-from batchpool.runs import format_bytes
+from batchpool.runs import format_bytes, format_cost
 from batchpool.store import StorageError
 from batchpool.ui import views
 
@@ -175,10 +175,8 @@ def make_app(
 
     @app.template_filter("money")
     def money(value: float | None) -> str:
-        """A cost as ``Usage`` prints it: two decimals from 1 up, two digits below."""
-        if value is None:
-            return "-"
-        return f"{value:,.2f}" if value >= 1 else f"{value:.2g}"
+        """A cost as ``Usage`` prints it, or ``-``."""
+        return "-" if value is None else format_cost(value)
 
     @app.context_processor
     def common() -> dict[str, Any]:

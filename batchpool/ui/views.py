@@ -19,7 +19,7 @@ from typing import Any
 
 from batchpool import cli
 from batchpool.future import FINAL_STATES, JOB_STATES
-from batchpool.runs import JobView, RunView, format_bytes, read_run
+from batchpool.runs import JobView, RunView, Usage, format_bytes, read_run
 from batchpool.store import Store
 
 #: Jobs per page of the run page's table.
@@ -189,7 +189,6 @@ def runs_page(storage: Storage) -> dict[str, Any]:
 def job_row(job: JobView, price: float | None = None) -> dict[str, Any]:
     """A row of the jobs table; ``cost`` at ``price`` per core-hour, when one was given."""
     cost = _job_cost(job, price)
-    duration = None if job.state in FINAL_STATES and job.ended is None else job.duration
     return {
         "chunk": job.chunk,
         "state": job.state,
@@ -197,7 +196,7 @@ def job_row(job: JobView, price: float | None = None) -> dict[str, Any]:
         "calls": job.calls,
         "job_id": job.job_id or "",
         "host": job.host or "",
-        "duration": cli.format_duration(duration),
+        "duration": cli.format_duration(job.duration),
         "exit": cli.job_exit(job),
         "cpu": "-" if job.cpu_seconds is None else f"{job.cpu_seconds:.1f}s",
         "peak_memory": "-"
@@ -211,7 +210,9 @@ def _job_cost(job: JobView, price: float | None) -> float | None:
     """What the job's attempts cost, as ``Usage`` bills them: wall time times its CPUs."""
     if price is None:
         return None
-    return sum((end.wall_seconds or 0.0) * job.cpus / 3600 * price for end in job.ends.values())
+    usage = Usage(cost_per_core_hour=price)
+    usage.add_job(job)
+    return usage.cost
 
 
 def run_page(
@@ -221,7 +222,7 @@ def run_page(
     all), the failed calls' errors and the counts for the bar of states."""
     loaded = storage.load(folder)
     run = loaded.run
-    price = run.usage().cost_per_core_hour
+    price = run.cost_per_core_hour
     shown = [job for job in run.jobs if state is None or job.state == state]
     pages = max(1, -(-len(shown) // PAGE_SIZE))
     page = min(max(1, page), pages)
@@ -369,7 +370,7 @@ def job_page(storage: Storage, folder: str, chunk: str) -> dict[str, Any]:
         "run_id": run.run_id,
         "name": run.name or "",
         "run_state": loaded.state,
-        "job": job_row(job, run.usage().cost_per_core_hour),
+        "job": job_row(job, run.cost_per_core_hour),
         "labels": job.labels,
         "job_ids": job.job_ids,
         "reason": job.reason or "",
