@@ -7,18 +7,16 @@ import os
 import signal
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from calls import Oddity, odd_fails, square
+from direct_jobs import direct_spec, wait_for_events
 
 from batchpool import BatchPoolExecutor, WorkerLostError
-from batchpool.backends.base import JobEvent, JobSpec, JobState, available_backends
-from batchpool.serialization import SECRET_ENV
-from batchpool.store import STORE_ENV, Store
+from batchpool.backends.base import JobEvent, JobState, available_backends
 
 pytestmark = pytest.mark.dask
 
@@ -169,26 +167,11 @@ def test_backend_by_name_is_owned_and_closed_by_the_executor(tmp_path: Path) -> 
     assert backend._cluster.status.name == "closed"
 
 
-def _spec(tmp_path: Path, chunk: str) -> JobSpec:
-    from fsspec.implementations.local import LocalFileSystem
-
-    store = Store(LocalFileSystem(), str(tmp_path / "run"))
-    env = {STORE_ENV: store.spec(), SECRET_ENV: "00" * 32}
-    return JobSpec(name=f"direct-{chunk}", args=("--chunk", chunk, "--attempt", "1"), env=env)
-
-
-def _wait_for(events: list[JobEvent], n: int) -> None:
-    deadline = time.monotonic() + 30
-    while len(events) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(events) >= n, events
-
-
 def test_a_failing_task_is_reported_failed_with_its_exception(client: Any, tmp_path: Path) -> None:
     backend = DaskBackend(client)
     events: list[JobEvent] = []
-    [job_id] = backend.submit([_spec(tmp_path, "missing")], events.append)
-    _wait_for(events, 1)
+    [job_id] = backend.submit([direct_spec(tmp_path, "missing")], events.append)
+    wait_for_events(events, 1, timeout=30)
     assert events[0].job_id == job_id
     assert events[0].state is JobState.FAILED
     # Its input is missing: a retry could not help, and the event says so.
@@ -202,10 +185,10 @@ def test_a_failing_task_is_reported_failed_with_its_exception(client: Any, tmp_p
 def test_cancel_of_a_task_that_cannot_start(client: Any, tmp_path: Path) -> None:
     backend = DaskBackend(client, resources={"NO-SUCH-RESOURCE": 1})
     events: list[JobEvent] = []
-    [job_id] = backend.submit([_spec(tmp_path, "never")], events.append)
+    [job_id] = backend.submit([direct_spec(tmp_path, "never")], events.append)
     assert backend.status([job_id]) == {job_id: JobState.PENDING}
     backend.cancel([job_id])
-    _wait_for(events, 1)
+    wait_for_events(events, 1, timeout=30)
     assert [e.state for e in events] == [JobState.CANCELLED]
     assert backend.status([job_id]) == {job_id: JobState.CANCELLED}
     backend.close()

@@ -23,19 +23,17 @@ from pathlib import Path
 
 import pytest
 from calls import Oddity, odd_fails, square
+from direct_jobs import direct_spec, wait_for_events
 from services.ray_head import ENV as RAY_ENV
 
 from batchpool import BatchPoolExecutor, WorkerLostError
 from batchpool.backends.base import (
     JobEvent,
-    JobSpec,
     JobState,
     Resources,
     available_backends,
     backend_class,
 )
-from batchpool.serialization import SECRET_ENV
-from batchpool.store import STORE_ENV, Store
 
 pytestmark = pytest.mark.ray
 
@@ -180,31 +178,11 @@ def test_a_killed_worker_with_one_attempt_fails_in_rays_words(
     assert len(runs.read_text().split()) == 1
 
 
-def _spec(tmp_path: Path, chunk: str, resources: Resources | None = None) -> JobSpec:
-    from fsspec.implementations.local import LocalFileSystem
-
-    store = Store(LocalFileSystem(), str(tmp_path / "run"))
-    env = {STORE_ENV: store.spec(), SECRET_ENV: "00" * 32}
-    return JobSpec(
-        name=f"direct-{chunk}",
-        args=("--chunk", chunk, "--attempt", "1"),
-        env=env,
-        resources=resources or Resources(),
-    )
-
-
-def _wait_for(events: list[JobEvent], n: int) -> None:
-    deadline = time.monotonic() + 60  # a hang guard
-    while len(events) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(events) >= n, events
-
-
 def test_a_failing_task_is_failed_with_its_exception(connected: str, tmp_path: Path) -> None:
     backend = RayBackend(connected)
     events: list[JobEvent] = []
-    [job_id] = backend.submit([_spec(tmp_path, "missing")], events.append)
-    _wait_for(events, 1)
+    [job_id] = backend.submit([direct_spec(tmp_path, "missing")], events.append)
+    wait_for_events(events, 1, timeout=60)
     assert (events[0].job_id, events[0].state) == (job_id, JobState.FAILED)
     assert events[0].fatal  # its input is missing: a retry could not help
     assert backend.status([job_id]) == {job_id: JobState.FAILED}
@@ -216,11 +194,11 @@ def test_a_failing_task_is_failed_with_its_exception(connected: str, tmp_path: P
 def test_cancel_of_a_queued_job(connected: str, tmp_path: Path) -> None:
     backend = RayBackend(connected)
     events: list[JobEvent] = []
-    spec = _spec(tmp_path, "never", Resources(cpus=64))  # more than the cluster has
+    spec = direct_spec(tmp_path, "never", Resources(cpus=64))  # more than the cluster has
     [job_id] = backend.submit([spec], events.append)
     assert backend.status([job_id]) == {job_id: JobState.PENDING}
     backend.cancel([job_id])
-    _wait_for(events, 1)
+    wait_for_events(events, 1, timeout=60)
     assert [e.state for e in events] == [JobState.CANCELLED]
     assert backend.status([job_id]) == {job_id: JobState.CANCELLED}
     backend.close()

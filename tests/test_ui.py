@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, hold, live_run, ui_command
+from ui_runs import FAILING, ITEMS, SCRIPT, EndedRun, ended_run, live_run, ui_command
 
 from batchpool import BatchPoolExecutor
 from batchpool.ui import UIServer
@@ -309,16 +309,8 @@ def test_a_running_jobs_log_is_shown_while_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BATCHPOOL_LIVE_LOG_SECONDS", "0.3")  # the workers inherit it
-    storage = tmp_path / "runs"
-    gate = tmp_path / "gate"
-    with (
-        BatchPoolExecutor(
-            name="follow", storage=str(storage), max_workers=1, cleanup_bucket=False
-        ) as bpe,
-        UIServer(str(storage)) as server,
-    ):
-        future = bpe.submit(hold, str(gate), 7)
-        folder = bpe.run_url.rsplit("/", 1)[-1]
+    with live_run(tmp_path, "follow", calls=1) as live:
+        server, folder = live.server, live.folder
         session = signed_in(server)
         deadline = time.monotonic() + 60
         text = None
@@ -331,9 +323,8 @@ def test_a_running_jobs_log_is_shown_while_it_runs(
                 text = job["attempts"][-1]["log"]["text"]
                 assert job["live"] is True
             time.sleep(0.2)
-        assert "holding 7" in text
-        gate.touch()
-        assert future.result(timeout=60) == 7
+        assert "holding 0" in text
+    assert live.futures[0].result(timeout=60) == 0  # the gate opened as the block ended
 
 
 # -- the command and bpe.ui() ---------------------------------------------------------------
