@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchpool.backends.base import Resources
+from batchpool.budget import FailureBudget
 from batchpool.documents import StartMarker
 from batchpool.future import BatchPoolFuture, JobRecord, width
 
@@ -32,6 +33,8 @@ class CallGroup:
     keys: list[str] | None = None  # each call's content hash, for resume=True runs
     #: Marked running as it was enqueued, into a free slot (see ``Watcher.enqueue``).
     started: bool = False
+    #: The ``max_failures`` budgets that count its calls (the executor's, its map's).
+    budgets: tuple[FailureBudget, ...] = ()
 
     @property
     def n_calls(self) -> int:
@@ -60,6 +63,10 @@ class Chunk:
     orphan_deadline: float = 0.0
     widths: list[int] = field(default_factory=list)
     claimed: int = 0  # its groups that enqueue marked started (see Watcher._release)
+    budgets: tuple[FailureBudget, ...] = ()  # those of its groups (all the same)
+    #: Times its calls died before this chunk existed: a piece of a chunk whose job
+    #: died (culprits.py) inherits the deaths of the chunk it was split from.
+    inherited_deaths: int = 0
 
     def spans(self) -> list[tuple[BatchPoolFuture | None, int, int]]:
         """``(member, first entry, width)`` for each member."""
@@ -90,6 +97,11 @@ class Chunk:
             "calls": self.n_calls,
             "state": self.state,
         }
+
+    @property
+    def deaths(self) -> int:
+        """How many jobs that ran this chunk's calls died, this attempt's included."""
+        return self.inherited_deaths + self.attempt
 
     def describe(self) -> str:
         calls = self.live_calls()

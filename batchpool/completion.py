@@ -10,10 +10,12 @@ by their final state. Only the watcher thread calls it.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from batchpool.budget import FailureBudget, failure_text
 from batchpool.chunks import Chunk
 from batchpool.errors import BatchPoolError, StorageError, fatal_error
 from batchpool.future import BatchOutcome, MapBatch
@@ -38,6 +40,7 @@ class Completion:
         serializer: Serializer,
         journal: RunJournal,
         on_initializer_failed: Callable[[BaseException], None],
+        on_budget_exceeded: Callable[[FailureBudget], None],
         cost_per_core_hour: float | None = None,
     ) -> None:
         self._store = store
@@ -45,6 +48,7 @@ class Completion:
         self._serializer = serializer
         self._journal = journal
         self._on_initializer_failed = on_initializer_failed
+        self._on_budget_exceeded = on_budget_exceeded
         #: Calls by final state. Changed by the watcher thread only (a += from two
         #: threads loses counts).
         self.ended: collections.Counter[str] = collections.Counter()
@@ -102,6 +106,10 @@ class Completion:
             # Counted first: done-callbacks may ask for status().
             self.ended["Success"] += n - len(mine)
             self.ended["Failed"] += len(mine)
+            if chunk.budgets:
+                where = f"a call to {chunk.labels[0]} in chunk {chunk.id}"
+                named = [failure_text(e, where) for e in itertools.islice(mine.values(), 3)]
+                self._count_failures(chunk, n, named, len(mine))
             if isinstance(future, MapBatch):
                 future.set_result(BatchOutcome(values[first : first + n], mine))
             elif mine:
@@ -123,15 +131,28 @@ class Completion:
         if chunk.record is not None:
             ended = "cancelled" if state == "Cancelled" else "lost"
             chunk.record.exit = f"{ended}: {reason or exc}"
+        failed = 0
         for future, _, n in chunk.spans():
             if future is None:
                 continue
             if not future.done():
                 self.ended[state] += n
+                failed += n
                 future.set_exception(exc)
             elif future.cancelled():
                 self.ended["Cancelled"] += n
         self._journal.given_up(chunk, state, reason or f"{type(exc).__name__}: {exc}")
+        if state == "Error" and failed and chunk.budgets:
+            text = failure_text(exc, f"{chunk.describe()}, chunk {chunk.id}")
+            self._count_failures(chunk, failed, [text], failed)
+
+    def _count_failures(
+        self, chunk: Chunk, ended: int, failures: list[str], failed: int | None = None
+    ) -> None:
+        """Count calls of the chunk that ended against its ``max_failures`` budgets."""
+        for budget in chunk.budgets:
+            if budget.record(ended, failures, failed):
+                self._on_budget_exceeded(budget)
 
     def usage_copy(self) -> Usage:
         usage = self.usage

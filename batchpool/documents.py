@@ -144,6 +144,8 @@ class GivenUp(Document, kw_only=True):
     attempt: Attempt
     state: Literal["Error", "Cancelled"]
     reason: Text = ""
+    #: Its job died and its calls run on split, in these chunks (culprits.py).
+    split_into: list[ChunkId] = []
 
 
 class JournalEntry(Document, kw_only=True):

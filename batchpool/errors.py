@@ -68,6 +68,11 @@ class InitializerError(BatchPoolError, BrokenProcessPool):
     """
 
 
+class FailureBudgetExceeded(BatchPoolError):
+    """More calls failed than ``max_failures`` allows: the calls not yet run were
+    stopped with this error, and their jobs queued on the engine cancelled."""
+
+
 class SerializationError(pickle.PicklingError, BatchPoolError):
     """A call, a result or an exception could not be pickled."""
 

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Any
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend, WorkerProcess
+from batchpool.budget import FailureBudget, check_max_failures
 from batchpool.chunks import CallGroup
 from batchpool.documents import FORMAT, BackendInfo, ClientInfo, Manifest, Settings
 from batchpool.errors import BatchPoolError, check_positive_int
 from batchpool.future import BatchPoolFuture, MapBatch
 from batchpool.mapping import (
     AsyncMap,
+    MapOptions,
+    check_canary,
     check_map_arguments,
     map_parts,
     results,
@@ -139,6 +142,21 @@ class BatchPoolExecutor(cf.Executor):
     - ``serializer``: ``"cloudpickle"`` (default) or ``"dill"``.
     - ``max_attempts``: how often a job that dies without a result is run (default 3).
       An exception raised by your function is a result and is never retried.
+    - ``isolate_culprits``: when a job of several calls dies without a result (a
+      segfault, the OOM killer, preemption), run its calls again split in halves,
+      down to single calls, so that the calls that do not kill their worker return
+      and only the culprits fail with ``WorkerLostError`` (default True). A call runs
+      at most ``max(max_attempts, 1 + ceil(log2(chunk size)))`` times. False retries
+      the whole chunk, ``max_attempts`` times.
+    - ``canary``: every ``map`` first runs this many of its calls as their own jobs,
+      and raises the first error among them before anything else is submitted
+      (default 0: none); ``map(..., canary=N)`` overrides it.
+    - ``max_failures``: once more calls than this have failed (raised, or got no
+      result), the calls not yet run fail with ``FailureBudgetExceeded``, the jobs
+      the engine still queues are cancelled, and new calls are refused; running jobs
+      finish. A count (0: stop at the first failure) or a fraction of the calls ended
+      so far (0.05), judged once ``1 / fraction`` calls have ended. ``map`` takes one
+      of its own, for its calls.
     - ``blob_threshold``: an argument (or function) that pickles larger than this
       many bytes (default 1 MiB) is stored once in the run's ``blobs/``, by content,
       and each call refers to it; see ``put``.
@@ -197,6 +215,9 @@ class BatchPoolExecutor(cf.Executor):
         job_options: dict[str, Any] | None = None,
         resume: bool = False,
         cost_per_core_hour: float | None = None,
+        isolate_culprits: bool = True,
+        canary: int = 0,
+        max_failures: int | float | None = None,
         _reopened: Reopened | None = None,
     ) -> None:
         if max_workers is not None:
@@ -227,6 +248,10 @@ class BatchPoolExecutor(cf.Executor):
             )
         check_positive_int("blob_threshold", blob_threshold)
         check_positive_int("payload_warning", payload_warning)
+        self._canary = check_canary(canary)
+        limit = check_max_failures(max_failures)
+        #: The executor's ``max_failures``: it counts every call.
+        self._budget = None if limit is None else FailureBudget(limit, "the executor")
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
         self._serializer = get_serializer(serializer)
@@ -391,6 +416,7 @@ class BatchPoolExecutor(cf.Executor):
             next_journal=_reopened.next_journal if _reopened is not None else 0,
             adopted=_reopened.adopted if _reopened is not None else (),
             on_cleanup=functools.partial(forget_secret, store.url),
+            isolate_culprits=isolate_culprits,
         )
         _live_watchers.add(self._watcher)
         # If the executor is dropped without shutdown, its calls still finish.
@@ -554,10 +580,14 @@ class BatchPoolExecutor(cf.Executor):
         payload = self._payloads.group(fn, [(args, kwargs)])
         future = BatchPoolFuture()
         future._on_cancel = self._watcher.notify_cancelled
-        self._enqueue(
-            CallGroup(payload, [future], describe_callable(fn), resources=resources, keys=keys)
-        )
+        group = CallGroup(payload, [future], describe_callable(fn), resources=resources, keys=keys)
+        group.budgets = self._budgets(None)
+        self._enqueue(group)
         return future
+
+    def _budgets(self, own: FailureBudget | None) -> tuple[FailureBudget, ...]:
+        """The ``max_failures`` budgets that count a call: its map's, and the executor's."""
+        return tuple(budget for budget in (own, self._budget) if budget is not None)
 
     def _call_keys(self, fn: Callable[..., Any], calls: list[Call]) -> list[str] | None:
         """Each call's content hash, in a ``resume=True`` run (else None)."""
@@ -605,6 +635,8 @@ class BatchPoolExecutor(cf.Executor):
         chunksize: int | None = None,
         buffersize: int | None = None,
         progress: bool | None = None,
+        canary: int | None = None,
+        max_failures: int | float | None = None,
     ) -> Iterator[Any]:
         """``map(fn, *iterables)`` with its calls run as jobs; results in input order.
 
@@ -615,27 +647,31 @@ class BatchPoolExecutor(cf.Executor):
         An exception raised by a call is raised when its item is reached.
         ``progress`` shows a tqdm bar of calls done, failed and running: by default
         only on a terminal and for maps that run longer than two seconds.
+        ``canary=N`` runs the first N calls as their own jobs first, and waits for
+        them: if one raises or its job dies, ``map`` raises that error and nothing
+        else is submitted (default: the executor's ``canary``). ``max_failures``
+        (a count, or a fraction of the calls ended) stops this map's calls not yet
+        run once more of its calls failed, with ``FailureBudgetExceeded``.
         """
-        return self._map(None, fn, iterables, timeout, chunksize, buffersize, progress)
+        options = MapOptions(chunksize, buffersize, None, progress, canary, max_failures)
+        return self._map(fn, iterables, timeout, options)
 
     def _map(
         self,
-        resources: Resources | None,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
         timeout: float | None,
-        chunksize: int | None,
-        buffersize: int | None,
-        progress: bool | None = None,
+        options: MapOptions,
     ) -> Iterator[Any]:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
         deadline = None if timeout is None else time.monotonic() + timeout
-        if resources is None and "submit" in vars(self):  # replaced, to watch map's calls
-            check_map_arguments(fn, chunksize, buffersize)
+        if options.resources is None and "submit" in vars(self):  # replaced, to watch map
+            check_map_arguments(fn, options)
             self._check_open()
-            return submitted_map(self.submit, fn, iterables, deadline, buffersize)
-        parts = map_parts(self, fn, iterables, chunksize, buffersize, resources, progress)
+            canary = self._canary if options.canary is None else options.canary
+            return submitted_map(self.submit, fn, iterables, deadline, options, canary)
+        parts = map_parts(self, fn, iterables, options, deadline)
         return results(parts, deadline)
 
     @property
@@ -672,11 +708,13 @@ class BatchPoolExecutor(cf.Executor):
         label: str,
         resources: Resources | None,
         keys: list[str] | None,
+        budget: FailureBudget | None = None,
     ) -> None:
-        """Queue one map chunk's calls, with one future for all of them."""
-        self._enqueue(
-            CallGroup(payload, [batch], label, fixed=True, resources=resources, keys=keys)
-        )
+        """Queue one map chunk's calls, with one future for all of them; ``budget``: the
+        map's own ``max_failures``."""
+        group = CallGroup(payload, [batch], label, fixed=True, resources=resources, keys=keys)
+        group.budgets = self._budgets(budget)
+        self._enqueue(group)
 
     def _resumed_outcome(self, key: str) -> tuple[bool, Any] | None:
         """``(ok, value)`` of a call that already returned in this run, or None."""
@@ -730,25 +768,18 @@ class BatchPoolExecutor(cf.Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         progress: bool | None = None,
+        canary: int | None = None,
+        max_failures: int | float | None = None,
     ) -> AsyncMap:
         """``map`` for event loops, with Hail's signature (one list of iterables).
 
         ``async for r in await bpe.async_map(fn, [xs])`` submits everything (in a
         thread) when awaited and yields results in input order;
-        ``async for r in bpe.async_map(fn, [xs])`` works too.
+        ``async for r in bpe.async_map(fn, [xs])`` works too. ``canary`` and
+        ``max_failures`` are ``map``'s.
         """
-        return self._async_map(None, fn, iterables, timeout, chunksize, progress)
-
-    def _async_map(
-        self,
-        resources: Resources | None,
-        fn: Callable[..., Any],
-        iterables: Iterable[Iterable[Any]],
-        timeout: float | None,
-        chunksize: int | None,
-        progress: bool | None = None,
-    ) -> AsyncMap:
-        return AsyncMap(self, fn, list(iterables), timeout, chunksize, resources, progress)
+        options = MapOptions(chunksize, None, None, progress, canary, max_failures)
+        return AsyncMap(self, fn, list(iterables), timeout, options)
 
     async def __aenter__(self) -> BatchPoolExecutor:
         return self
@@ -831,10 +862,11 @@ class JobOptions:
         chunksize: int | None = None,
         buffersize: int | None = None,
         progress: bool | None = None,
+        canary: int | None = None,
+        max_failures: int | float | None = None,
     ) -> Iterator[Any]:
-        return self._executor._map(
-            self.resources, fn, iterables, timeout, chunksize, buffersize, progress
-        )
+        options = MapOptions(chunksize, buffersize, self.resources, progress, canary, max_failures)
+        return self._executor._map(fn, iterables, timeout, options)
 
     async def async_submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -848,10 +880,11 @@ class JobOptions:
         timeout: float | None = None,
         chunksize: int | None = None,
         progress: bool | None = None,
+        canary: int | None = None,
+        max_failures: int | float | None = None,
     ) -> AsyncMap:
-        return self._executor._async_map(
-            self.resources, fn, iterables, timeout, chunksize, progress
-        )
+        options = MapOptions(chunksize, None, self.resources, progress, canary, max_failures)
+        return AsyncMap(self._executor, fn, list(iterables), timeout, options)
 
     def __repr__(self) -> str:
         return f"<options of {self._executor!r}: {self.resources}>"

@@ -39,6 +39,8 @@ class JobRecord:
     peak_memory_bytes: int | None = None
     #: Cancels the chunk's job while the engine still queues it (set by the executor).
     canceller: Callable[[JobRecord, BatchPoolFuture], bool] | None = field(default=None, repr=False)
+    #: The record of the chunk this one's calls were split from, when its job died.
+    split_from: JobRecord | None = field(default=None, repr=False)
 
     @property
     def duration(self) -> float | None:
@@ -124,24 +126,30 @@ class BatchPoolFuture(cf.Future[Any]):
         return self._job
 
     def logs(self) -> str:
-        """What the job running this call printed (stdout and stderr), newest attempt last.
+        """What the job running this call printed (stdout and stderr), newest attempt last
+        (after those of the chunks it was split from, when a job of it died).
 
         A job runs a chunk of calls, so this is the chunk's output. Empty when the
         call has not run, printed nothing, or its run was deleted from storage
         (``cleanup_bucket``).
         """
+        records: list[JobRecord] = []
         record = self._job
-        if record is None:
-            return ""
+        while record is not None:  # the chunks it was split from first
+            records.insert(0, record)
+            record = record.split_from
         parts = []
-        for attempt in range(1, record.attempt + 1):
-            try:
-                text = record.store.get(record.store.log_key(record.chunk, attempt))
-            except FileNotFoundError:
-                continue
-            if record.attempt > 1:
-                parts.append(f"--- attempt {attempt} ---\n")
-            parts.append(text.decode("utf-8", errors="replace"))
+        for record in records:
+            for attempt in range(1, record.attempt + 1):
+                try:
+                    text = record.store.get(record.store.log_key(record.chunk, attempt))
+                except FileNotFoundError:
+                    continue
+                if len(records) > 1:
+                    parts.append(f"--- chunk {record.chunk}, attempt {attempt} ---\n")
+                elif record.attempt > 1:
+                    parts.append(f"--- attempt {attempt} ---\n")
+                parts.append(text.decode("utf-8", errors="replace"))
         return "".join(parts)
 
     def _start(self) -> bool:

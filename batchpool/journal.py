@@ -64,7 +64,7 @@ class RunJournal:
                 "chunk": chunk.id,
                 "attempt": chunk.attempt,
                 "job_id": chunk.job_id,
-                "calls": chunk.n_calls,
+                "calls": chunk.live_calls(),
                 "labels": sorted(set(chunk.labels)),
                 "cpus": chunk.resources.cpus,
             }
@@ -95,9 +95,14 @@ class RunJournal:
             handed, self._handed = self._handed, []
             self.add(handed=handed)
 
-    def given_up(self, chunk: Chunk, state: str, reason: str) -> None:
-        """Nothing more is done for this chunk: it ended as ``state``, for ``reason``."""
-        entry = {"chunk": chunk.id, "attempt": chunk.attempt, "state": state}
+    def given_up(
+        self, chunk: Chunk, state: str, reason: str, split_into: list[str] | None = None
+    ) -> None:
+        """Nothing more is done for this chunk: it ended as ``state``, for ``reason``;
+        ``split_into``: its calls run on in these pieces (culprits.py)."""
+        entry: dict[str, Any] = {"chunk": chunk.id, "attempt": chunk.attempt, "state": state}
+        if split_into:
+            entry["split_into"] = split_into
         self.add(given_up=[{**entry, "reason": reason[:2000]}])
 
     def note(self, chunk: Chunk) -> None:

@@ -19,11 +19,13 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batchpool.budget import FailureBudget, check_max_failures, failure_text
 from batchpool.chunking import auto_chunksize, common_length, iter_chunks
 from batchpool.errors import check_positive_int
 from batchpool.future import BatchOutcome, MapBatch
@@ -68,45 +70,72 @@ class MapPart:
         return _merge(self.resumed, ran)
 
 
-def check_map_arguments(fn: Any, chunksize: int | None, buffersize: int | None) -> None:
+@dataclass(frozen=True)
+class MapOptions:
+    """How a map runs, beyond its function and input (see ``BatchPoolExecutor.map``)."""
+
+    chunksize: int | None = None
+    buffersize: int | None = None
+    resources: Resources | None = None  # None: the executor's
+    progress: bool | None = None
+    canary: int | None = None  # None: the executor's
+    max_failures: int | float | None = None  # None: only the executor's
+
+
+def check_canary(canary: Any) -> int:
+    if isinstance(canary, bool) or not isinstance(canary, int) or canary < 0:
+        raise ValueError(
+            f"canary={canary!r} must be a number of calls >= 0: the first calls of a map, "
+            "run before the rest is submitted (0: no canary)"
+        )
+    return canary
+
+
+def check_map_arguments(fn: Any, options: MapOptions) -> None:
     """A clear error for what ``map`` cannot take, before any input is read."""
     if not callable(fn):
         raise TypeError(f"map() needs a callable, not a {type(fn).__name__}")
-    if chunksize is not None:
-        check_positive_int("chunksize", chunksize)
-    if buffersize is not None:
-        check_positive_int("buffersize", buffersize)
+    if options.chunksize is not None:
+        check_positive_int("chunksize", options.chunksize)
+    if options.buffersize is not None:
+        check_positive_int("buffersize", options.buffersize)
+    if options.canary is not None:
+        check_canary(options.canary)
+    check_max_failures(options.max_failures)
 
 
 def map_parts(
     executor: BatchPoolExecutor,
     fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...] | list[Iterable[Any]],
-    chunksize: int | None,
-    buffersize: int | None,
-    resources: Resources | None,
-    progress: bool | None,
+    options: MapOptions,
+    deadline: float | None = None,
 ) -> Generator[MapPart, None, None]:
     """Submit a map's chunks (all now, or ``buffersize`` ahead) and yield them in order.
 
     Everything is checked and, without ``buffersize``, submitted before this returns;
-    closing the generator cancels what was submitted and not yet yielded."""
-    check_map_arguments(fn, chunksize, buffersize)
+    closing the generator cancels what was submitted and not yet yielded. With a
+    canary, its calls run first, and this raises the first of their errors."""
+    check_map_arguments(fn, options)
     executor._check_open()
+    chunksize, buffersize = options.chunksize, options.buffersize
+    canary = executor._canary if options.canary is None else options.canary
+    budget = None
+    if options.max_failures is not None:
+        budget = FailureBudget(options.max_failures, f"map() of {describe_callable(fn)}")
     # Over one iterable, a chunk holds the arguments themselves: no tuple per call to
     # make, pickle and unpickle, and the worker calls fn through map().
     single = len(iterables) == 1
-    items: Iterable[Any] = iter(iterables[0]) if single else zip(*iterables, strict=False)
+    items: Iterator[Any] = iter(iterables[0]) if single else zip(*iterables, strict=False)
     length = common_length(iterables)
     if buffersize is None and length is None:
-        items = list(items)  # everything is submitted now anyway: learn the length
-        length = len(items)
+        listed = list(items)  # everything is submitted now anyway: learn the length
+        length, items = len(listed), iter(listed)
     label = describe_callable(fn)
     if chunksize is None and length is not None:
         watcher = executor._watcher
         chunksize = auto_chunksize(length, watcher.capacity, watcher.seconds_per_call(label))
-    chunks = iter_chunks(items, chunksize)
-    bar = Progress(length, label, progress, executor._watcher)
+    bar = Progress(length, label, options.progress, executor._watcher)
     first_item = 0
 
     def submit_chunk(chunk: list[Any]) -> MapPart:
@@ -129,11 +158,24 @@ def map_parts(
         if todo:
             payload = executor._payloads.positional(fn, todo, where, single=single)
             part.batch = MapBatch(len(todo))
-            executor._enqueue_batch(part.batch, payload, label, resources, keys)
+            executor._enqueue_batch(part.batch, payload, label, options.resources, keys, budget)
         bar.watch(part, len(chunk))
         return part
 
-    submitted = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, buffersize))
+    submitted: collections.deque[MapPart] = collections.deque()
+    if canary:  # its calls run, and return, before the rest of the input is even read
+        first = list(itertools.islice(items, canary))
+        slots = max(1, min(len(first), executor._watcher.capacity))
+        size = -(-len(first) // slots)  # spread over the workers, for a quick answer
+        submitted.extend(submit_chunk(c) for c in iter_chunks(first, min(size, chunksize or size)))
+        try:
+            _check_canary(submitted, len(first), label, deadline)
+        except BaseException:
+            bar.close()
+            raise
+    chunks = iter_chunks(items, chunksize)
+    ahead = None if buffersize is None else max(0, buffersize - len(submitted))
+    submitted.extend(submit_chunk(c) for c in itertools.islice(chunks, ahead))
     if buffersize is None:
         bar.input_done()
 
@@ -181,6 +223,51 @@ class MapResults:
         self._chunks.close()
 
 
+def _check_canary(
+    parts: collections.deque[MapPart], n_calls: int, label: str, deadline: float | None
+) -> None:
+    """Wait for a map's canary calls; raise the first error of one, with a note that
+    nothing else of the map was submitted."""
+    for part in parts:
+        if part.batch is None:  # returned in an earlier session (resume=True)
+            continue
+        try:
+            if deadline is None:
+                part.batch.exception()
+            else:
+                part.batch.exception(max(0.0, deadline - time.monotonic()))
+        except cf.TimeoutError:
+            for each in parts:
+                each.cancel()
+            raise MapTimeout(
+                f"map() did not finish within its timeout: its canary ({n_calls} calls of "
+                f"{label}) was still running, and nothing else of the map was submitted"
+            ) from None
+    for part in parts:
+        batch = part.batch
+        if batch is None:
+            continue
+        error = batch.exception()  # done: this does not wait
+        if error is None:
+            outcome: BatchOutcome = batch.result()
+            if outcome.errors:
+                error = outcome.errors[min(outcome.errors)]
+        if error is not None:
+            note = (
+                f"batchpool: this call is in the canary of map() of {label} (its first "
+                f"{n_calls} calls, run before the rest): nothing else of the map was "
+                "submitted"
+            )
+            _add_note(error, note)
+            raise error
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    add_note = getattr(error, "add_note", None)  # Python 3.11+
+    if add_note is not None and note not in getattr(error, "__notes__", ()):
+        add_note(note)
+
+
 def results(parts: Generator[MapPart, None, None], deadline: float | None) -> MapResults:
     return MapResults(parts, deadline)
 
@@ -215,16 +302,63 @@ def submitted_map(
     fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...],
     deadline: float | None,
-    buffersize: int | None,
+    options: MapOptions,
+    canary: int,
 ) -> Iterator[Any]:
     """``map`` as ``concurrent.futures.Executor.map`` does it: one ``submit`` per call.
 
     For code that replaced an executor's ``submit`` to watch map's calls, as
     ``tqdm.contrib.concurrent``'s helpers do for their progress bar: it sees every
     call. batchpool still groups the calls into chunks as it does ``submit``'s. The
-    caller checks the arguments first (``check_map_arguments``)."""
+    caller checks the arguments first (``check_map_arguments``). A canary's calls are
+    waited for here; the map's own ``max_failures`` cancels the calls not yet started
+    once exceeded, and the iterator raises its error where it reaches one."""
+    buffersize = options.buffersize
     items = zip(*iterables, strict=False)
-    pending = collections.deque(submit(fn, *args) for args in itertools.islice(items, buffersize))
+    pending: collections.deque[cf.Future[Any]] = collections.deque()
+    if canary:
+        pending.extend(submit(fn, *args) for args in itertools.islice(items, canary))
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if cf.wait(pending, remaining).not_done:
+            for future in pending:
+                future.cancel()
+            raise MapTimeout("map() did not finish within its timeout: its canary was running")
+        for future in pending:
+            error = future.exception()
+            if error is not None:
+                _add_note(
+                    error,
+                    f"batchpool: this call is in the canary of map() (its first {canary} "
+                    "calls): nothing else of the map was submitted",
+                )
+                raise error
+    budget = None
+    if options.max_failures is not None:
+        budget = FailureBudget(options.max_failures, f"map() of {describe_callable(fn)}")
+    lock = threading.Lock()
+
+    def count(future: cf.Future[Any]) -> None:
+        if budget is None or future.cancelled():
+            return
+        error = future.exception()
+        failures = [failure_text(error, "a call of the map")] if error is not None else []
+        with lock:
+            if not budget.record(1, failures):
+                return
+        for each in list(pending):
+            each.cancel()
+
+    def send(args: tuple[Any, ...]) -> cf.Future[Any]:
+        if budget is not None and budget.tripped:
+            raise budget.error()
+        future = submit(fn, *args)
+        future.add_done_callback(count)
+        return future
+
+    for future in pending:
+        count(future)
+    limit = None if buffersize is None else max(0, buffersize - len(pending))
+    pending.extend(send(args) for args in itertools.islice(items, limit))
 
     def in_order() -> Iterator[Any]:
         try:
@@ -232,12 +366,16 @@ def submitted_map(
                 future = pending.popleft()
                 if buffersize is not None:
                     for args in itertools.islice(items, 1):
-                        pending.append(submit(fn, *args))
+                        pending.append(send(args))
                 try:
                     if deadline is None:
                         yield future.result()
                     else:
                         yield future.result(max(0.0, deadline - time.monotonic()))
+                except cf.CancelledError:
+                    if budget is not None and budget.tripped:
+                        raise budget.error() from None
+                    raise
                 except cf.TimeoutError:
                     raise MapTimeout("map() did not finish within its timeout") from None
                 finally:
@@ -309,18 +447,14 @@ class AsyncMap:
         fn: Callable[..., Any],
         iterables: list[Iterable[Any]],
         timeout: float | None,
-        chunksize: int | None,
-        resources: Resources | None = None,
-        progress: bool | None = None,
+        options: MapOptions,
     ) -> None:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
         self._executor = executor
-        self._resources = resources
-        self._progress = progress
+        self._options = options
         self._fn = fn
         self._iterables = iterables
-        self._chunksize = chunksize
         self._timeout = timeout
         self._parts: collections.deque[MapPart] | None = None
         self._deadline: float | None = None
@@ -333,14 +467,9 @@ class AsyncMap:
                 self._deadline = loop.time() + self._timeout
 
             def submit_all() -> collections.deque[MapPart]:
+                deadline = None if self._timeout is None else time.monotonic() + self._timeout
                 parts = map_parts(
-                    self._executor,
-                    self._fn,
-                    self._iterables,
-                    self._chunksize,
-                    None,
-                    self._resources,
-                    self._progress,
+                    self._executor, self._fn, self._iterables, self._options, deadline
                 )
                 return collections.deque(parts)
 

@@ -36,6 +36,7 @@ import platformdirs
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources
 from batchpool.chunks import Adopted, Chunk
+from batchpool.culprits import PIECE_OF, SPLIT_FROM, input_skips
 from batchpool.documents import ClientInfo, JournalEntry, Manifest
 from batchpool.errors import BatchPoolError, IntegrityError, StorageError
 from batchpool.future import BatchPoolFuture, JobRecord
@@ -371,6 +372,11 @@ def adopt(reopened: Reopened, backend: Backend, resources: Resources, orphan_gra
     runs a chunk is waited for ``orphan_grace`` seconds at most."""
     store, secret = reopened.store, reopened.secret
     here = socket.gethostname()
+    split = {job.chunk for job in reopened.view.jobs if job.split_into}
+    # The futures of each chunk's calls (None where skipped), for the pieces of a
+    # chunk that was split (culprits.py): they complete that chunk's futures.
+    calls_of: dict[str, list[BatchPoolFuture | None]] = {}
+    covered: set[int] = set()  # the futures of split chunks that a piece taken over has
     for job in reopened.view.jobs:
         chunk_key = store.chunk_key(job.chunk)
         try:
@@ -385,18 +391,39 @@ def adopt(reopened: Reopened, backend: Backend, resources: Resources, orphan_gra
         chunk.record = JobRecord(store, job.chunk, attempt=job.attempt, job_ids=list(job.job_ids))
         chunk.attempt = job.attempt
         chunk.job_id = job.job_id or f"adopted-{job.chunk}"
-        for n_calls, _payload, skip in groups:
-            for i in range(n_calls):
-                future = BatchPoolFuture()
-                reopened.futures.append(future)
-                if i in skip:
-                    future.cancel()
-                    chunk.futures.append(None)
-                    continue
-                future._start()
-                future._job = chunk.record
-                chunk.futures.append(future)
+        piece_of = header.get(PIECE_OF)
+        if piece_of is not None:  # a piece: its calls are those of the chunk split
+            if header.get(SPLIT_FROM) not in split or piece_of not in calls_of:
+                continue  # that chunk itself is taken over (the client died splitting it)
+            skipped = input_skips(groups)
+            for i, future in enumerate(calls_of[piece_of]):
+                chunk.futures.append(None if i in skipped else future)
+                if future is not None and i not in skipped:
+                    future._job = chunk.record
+                    if not job.split_into:
+                        covered.add(id(future))
+        else:
+            calls = calls_of[job.chunk] = []
+            for n_calls, _payload, skip in groups:
+                for i in range(n_calls):
+                    future = BatchPoolFuture()
+                    reopened.futures.append(future)
+                    if i in skip:
+                        future.cancel()
+                        chunk.futures.append(None)
+                        calls.append(None)
+                        continue
+                    future._start()
+                    future._job = chunk.record
+                    chunk.futures.append(future)
+                    calls.append(future)
+        if job.split_into:  # its pieces complete its calls
+            continue
         reopened.adopted.append(_how(job, chunk, backend, here, orphan_grace))
+    for chunk_id in split & calls_of.keys():  # calls no piece runs: cancelled as it split
+        for future in calls_of[chunk_id]:
+            if future is not None and id(future) not in covered:
+                future._cancel_queued()
 
 
 def _how(job: JobView, chunk: Chunk, backend: Backend, here: str, grace: float) -> Adopted:

@@ -174,6 +174,9 @@ class JobView:
     has_result: bool = False
     #: A later session of the run (``resume=True``) submitted its failed calls again.
     rerun: bool = False
+    #: Its job died and its calls ran on split, in these chunks (their calls are
+    #: counted there).
+    split_into: list[str] = field(default_factory=list)
     #: attempts whose worker started: {attempt: start marker}
     starts: dict[int, StartMarker] = field(default_factory=dict, repr=False)
     ends: dict[int, EndMarker] = field(default_factory=dict, repr=False)
@@ -215,6 +218,7 @@ class JobView:
             "peak_memory_bytes": self.peak_memory_bytes,
             "reason": self.reason,
             "rerun": self.rerun,
+            "split_into": self.split_into,
         }
 
 
@@ -277,7 +281,7 @@ class RunView:
         failures that a later session ran again (``rerun``) count there only."""
         found: Counter[str] = Counter()
         for job in self.jobs:
-            calls = job.calls or 0
+            calls = 0 if job.split_into else job.calls or 0
             if job.state == "Failed":
                 found["Failed"] += 0 if job.rerun else job.failed_calls
                 found["Success"] += max(0, calls - job.failed_calls)
@@ -288,7 +292,11 @@ class RunView:
     def troubled(self) -> list[JobView]:
         """Jobs that Failed, Error'd or were Cancelled and were not run again later."""
         trouble = ("Failed", "Error", "Cancelled")
-        return [job for job in self.jobs if job.state in trouble and not job.rerun]
+        return [
+            job
+            for job in self.jobs
+            if job.state in trouble and not job.rerun and not job.split_into
+        ]
 
     @property
     def finished(self) -> bool:
@@ -515,6 +523,9 @@ def _derive(view: JobView, results: set[tuple[str, int]], given_up: GivenUp | No
         view.state = given_up.state
         view.reason = given_up.reason
         view.exit = "cancelled" if view.state == "Cancelled" else "lost"
+        view.split_into = list(given_up.split_into)
+        if view.split_into:
+            view.exit = "lost: split"
     elif end is not None:  # the worker failed before it wrote an outcome
         view.state, view.exit = "Error", end.error or "no outcome"
         view.reason = view.exit

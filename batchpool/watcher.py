@@ -37,9 +37,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpool.backends.base import THREAD_ENV, Backend, JobEvent, JobSpec, JobState, Resources
+from batchpool.budget import FailureBudget
 from batchpool.chunking import coalesce_target
 from batchpool.chunks import Adopted, CallGroup, Chunk
 from batchpool.completion import Completion, storage_error
+from batchpool.culprits import (
+    PIECE_OF,
+    SPLIT_FROM,
+    halves,
+    input_skips,
+    piece_groups,
+    piece_members,
+    wanted_calls,
+)
 from batchpool.errors import (
     BatchPoolError,
     InitializerError,
@@ -62,8 +72,10 @@ from batchpool.runs import Usage
 from batchpool.serialization import (
     Group,
     Serializer,
+    decode_chunk,
     encode_chunk,
     seal,
+    unseal,
 )
 from batchpool.store import Store
 
@@ -108,6 +120,7 @@ class Watcher:
         next_journal: int = 0,
         adopted: Sequence[Adopted] = (),
         on_cleanup: Callable[[], None] | None = None,
+        isolate_culprits: bool = True,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -121,6 +134,7 @@ class Watcher:
         self.capacity = capacity
         self._limit = in_flight
         self._max_attempts = max_attempts
+        self._isolate_culprits = isolate_culprits
         self._cleanup = cleanup
         self._lock = threading.Lock()
         self._pending: collections.deque[CallGroup] = collections.deque()
@@ -156,12 +170,15 @@ class Watcher:
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
         self._on_cleanup = on_cleanup
+        #: ``max_failures`` budgets exceeded, not yet acted on (``_stop_for_budget``).
+        self._tripped: list[FailureBudget] = []
         self._completion = Completion(
             store=store,
             secret=secret,
             serializer=serializer,
             journal=self._journal,
             on_initializer_failed=self._break,
+            on_budget_exceeded=self._tripped.append,
             cost_per_core_hour=cost_per_core_hour,
         )
         self._resumed = 0  # calls that returned in an earlier session (callers' threads)
@@ -181,6 +198,9 @@ class Watcher:
                 raise self.broken_error()
             if self._stopping:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            for budget in group.budgets:
+                if budget.tripped:
+                    raise budget.error()
             # A call handed to an idle pool counts as started at once, as the stdlib's
             # call queue marks it (max_workers + 1 calls): shutdown(cancel_futures=True)
             # right after then cancels only what a stdlib pool would not have started.
@@ -240,24 +260,9 @@ class Watcher:
         return future._cancel_queued()
 
     def _cancel_queued_jobs(self) -> None:
-        if self.backend.bounded or not self._inflight:
+        if self.backend.bounded:
             return
-        if self._outage.active:
-            log.warning(
-                "batchpool: the engine cannot be asked which jobs are still queued, so none "
-                "is cancelled (%s)",
-                self._outage.describe(),
-            )
-            return
-        try:
-            states = self.backend.status(list(self._inflight))
-            queued = [job for job, state in states.items() if state is JobState.PENDING]
-            if queued:
-                self.backend.cancel(queued)
-        except Exception as exc:
-            log.warning("batchpool: could not cancel the queued jobs: %s", exc)
-            return
-        for job_id in queued:
+        for job_id in self._queued_jobs(list(self._inflight)):
             for future in self._inflight[job_id].futures:
                 if future is not None:
                     future._cancel_queued()
@@ -369,6 +374,8 @@ class Watcher:
                 return
 
     def _dispatch(self) -> None:
+        while self._tripped:
+            self._stop_for_budget(self._tripped.pop(0))
         if self._cancel_requested:
             return
         if self._submit_outage.held():  # the engine cannot be reached: try at retry_at
@@ -458,6 +465,7 @@ class Watcher:
                     group.fixed
                     or taken[0][0].fixed
                     or group.resources != taken[0][0].resources
+                    or group.budgets != taken[0][0].budgets
                     # Claimed calls run now; joining them would start the others early.
                     or group.started != taken[0][0].started
                 ):
@@ -481,14 +489,9 @@ class Watcher:
     def _make_chunk(self, taken: list[tuple[CallGroup, list[int]]]) -> Chunk | None:
         if not taken:
             return None
-        chunk = Chunk(
-            Store.chunk_id(self._next_chunk), [], [], taken[0][0].resources or self._resources
-        )
-        self._next_chunk += 1
-        chunk.record = JobRecord(self.store, chunk.id)
+        chunk = self._new_chunk([], [], taken[0][0].resources or self._resources)
         chunk.claimed = sum(group.started for group, _ in taken)
-        if not self.backend.bounded:  # an engine with a queue: a queued job can be dropped
-            chunk.record.canceller = self._cancel_one
+        chunk.budgets = taken[0][0].budgets
         groups: list[Group] = []
         keys: list[str] = []
         for group, skip in taken:
@@ -507,16 +510,28 @@ class Watcher:
                 first += width(future)
             chunk.labels.append(group.label)
             groups.append((n_calls, group.payload, tuple(skipped_calls)))
-        key = self.store.chunk_key(chunk.id)
         try:
             # Content keys only in resume=True runs: no list of empty ones to pickle
             header = {**self._header, "labels": chunk.labels, "keys": keys if any(keys) else []}
-            self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
+            self._write_input(chunk, header, groups)
         except Exception as exc:
             self._release(chunk)
             self._completion.fail(chunk, storage_error("write the input of", chunk, exc))
             return None
         return chunk
+
+    def _new_chunk(self, futures: list[Any], labels: list[str], resources: Resources) -> Chunk:
+        """A chunk with the run's next id and a job record for its calls."""
+        chunk = Chunk(Store.chunk_id(self._next_chunk), futures, labels, resources)
+        self._next_chunk += 1
+        chunk.record = JobRecord(self.store, chunk.id)
+        if not self.backend.bounded:  # an engine with a queue: a queued job can be dropped
+            chunk.record.canceller = self._cancel_one
+        return chunk
+
+    def _write_input(self, chunk: Chunk, header: dict[str, Any], groups: list[Group]) -> None:
+        key = self.store.chunk_key(chunk.id)
+        self.store.put(key, seal(self._secret, key, encode_chunk(header, groups)))
 
     def _release(self, chunk: Chunk) -> None:
         """The claimed calls of a chunk are in flight now (or failed): free their claim."""
@@ -778,7 +793,9 @@ class Watcher:
             cancelled = "`batchpool cancel` asked the run to stop"
             event = JobEvent(event.job_id, JobState.CANCELLED, reason=cancelled)
             reason = cancelled
-        if event.state is not JobState.CANCELLED and chunk.attempt < self._max_attempts:
+        if event.state is not JobState.CANCELLED and self._split(chunk, reason):
+            return
+        if event.state is not JobState.CANCELLED and chunk.deaths < self._max_attempts:
             log.info("batchpool: chunk %s lost (%s); retrying", chunk.id, reason)
             chunk.attempt += 1
             self._retry.append(chunk)
@@ -787,6 +804,13 @@ class Watcher:
         if event.state is JobState.CANCELLED:
             state = "Cancelled"
             headline = f"the job running {chunk.describe()} was cancelled ({reason})"
+        elif chunk.inherited_deaths:  # the culprit of a chunk split (culprits.py)
+            headline = (
+                f"{chunk.describe()} killed its worker, or was lost with it, each of the "
+                f"{chunk.deaths} times it ran: with other calls of its chunk, then alone "
+                f"{chunk.attempt} time{'s' if chunk.attempt != 1 else ''} (the calls it "
+                "shared its chunk with ran apart from it and have their results)"
+            )
         else:
             attempts = f"{chunk.attempt} attempt{'s' if chunk.attempt != 1 else ''}"
             headline = (
@@ -798,6 +822,120 @@ class Watcher:
         if event.log_tail:
             text += "\nLast lines of the job's output:\n" + event.log_tail
         self._completion.fail(chunk, WorkerLostError(text), state=state, reason=reason)
+
+    def _split(self, chunk: Chunk, reason: str) -> bool:
+        """Run the calls of a chunk whose job died again in two pieces, so that those
+        that do not kill their worker return (culprits.py); False when it has one call
+        still wanted, or its input cannot be read again (it is retried whole)."""
+        if not self._isolate_culprits or chunk.live_calls() < 2:
+            return False
+        key = self.store.chunk_key(chunk.id)
+        try:
+            header, groups = decode_chunk(unseal(self._secret, key, self.store.get(key)))
+        except Exception as exc:
+            log.warning("batchpool: chunk %s is retried whole: %s", chunk.id, exc)
+            return False
+        wanted = wanted_calls(chunk, input_skips(groups))
+        if len(wanted) < 2:
+            return False
+        header = {**header, PIECE_OF: header.get(PIECE_OF, chunk.id), SPLIT_FROM: chunk.id}
+        pieces: list[Chunk] = []
+        for calls in halves(wanted):
+            runs = set(calls)
+            futures, widths = piece_members(chunk, runs)
+            piece = self._new_chunk(futures, list(chunk.labels), chunk.resources)
+            assert piece.record is not None
+            piece.record.split_from = chunk.record
+            piece.widths = widths
+            piece.budgets = chunk.budgets
+            piece.inherited_deaths = chunk.deaths
+            piece.reasons = list(chunk.reasons)
+            for future in futures:
+                if future is not None:
+                    future._job = piece.record
+            try:
+                self._write_input(piece, header, piece_groups(groups, runs))
+            except Exception as exc:
+                self._completion.fail(piece, storage_error("write the input of", piece, exc))
+                continue
+            pieces.append(piece)
+        names = ", ".join(piece.id for piece in pieces)
+        log.info(
+            "batchpool: chunk %s lost (%s); its calls run again in %s", chunk.id, reason, names
+        )
+        chunk.set_state("Error")
+        if chunk.record is not None:
+            chunk.record.exit = f"lost: {reason}; its calls run again split, in {names}"
+        self._journal.note(chunk)
+        self._journal.given_up(
+            chunk,
+            "Error",
+            f"{reason}; its calls run again split, in {names}",
+            split_into=[piece.id for piece in pieces],
+        )
+        self._retry.extend(pieces)
+        return True
+
+    def _stop_for_budget(self, budget: FailureBudget) -> None:
+        """More calls failed than ``budget`` allows: its calls not yet handed over, and
+        its jobs that the engine still queues, fail with its error; running jobs finish."""
+        log.warning("batchpool: %s; stopping its calls", budget.describe())
+        with self._lock:
+            groups = [group for group in self._pending if budget in group.budgets]
+            kept = [group for group in self._pending if budget not in group.budgets]
+            self._pending.clear()
+            self._pending.extend(kept)
+            claimed = sum(group.started for group in groups)
+            self._claimed -= claimed
+            self._claimed_pending -= claimed
+            parked = [chunk for chunk in self._parked if budget in chunk.budgets]
+            self._parked = collections.deque(c for c in self._parked if c not in parked)
+        waiting = [*parked, *(chunk for chunk in self._retry if budget in chunk.budgets)]
+        self._retry = collections.deque(c for c in self._retry if budget not in c.budgets)
+        mine = [job for job, chunk in self._inflight.items() if budget in chunk.budgets]
+        queued = self._queued_jobs(mine)
+        calls = sum(g.n_calls for g in groups) + sum(c.live_calls() for c in waiting)
+        calls += sum(self._inflight[job].live_calls() for job in queued)
+        budget.stopped = (
+            f" ({calls} call{'s' if calls != 1 else ''}; the {len(queued)} job"
+            f"{'s' if len(queued) != 1 else ''} of them that the engine still queued "
+            "were cancelled)"
+        )
+        reason = budget.describe()
+        for group in groups:
+            for future in group.futures:
+                if future.done():
+                    self._completion.ended["Cancelled"] += width(future)
+                    continue
+                self._completion.ended["Cancelled"] += width(future)
+                future.set_exception(budget.error())
+        for chunk in waiting:
+            self._completion.fail(chunk, budget.error(), state="Cancelled", reason=reason)
+        for job_id in queued:
+            chunk = self._inflight.pop(job_id)
+            self._completion.fail(chunk, budget.error(), state="Cancelled", reason=reason)
+
+    def _queued_jobs(self, job_ids: list[str]) -> list[str]:
+        """Of these jobs in flight, those the engine still queued, now cancelled through
+        it (one status query, one cancel); none while the engine cannot be asked."""
+        if not job_ids:
+            return []
+        if self._outage.active:
+            log.warning(
+                "batchpool: the engine cannot be asked which jobs are still queued, so none "
+                "is cancelled (%s)",
+                self._outage.describe(),
+            )
+            return []
+        try:
+            states = self.backend.status(job_ids)
+            queued = [job for job, state in states.items() if state is JobState.PENDING]
+            if queued:
+                self.backend.cancel(queued)
+        except Exception as exc:
+            log.warning("batchpool: could not cancel the queued jobs: %s", exc)
+            return []
+        return queued
 
     def _fatal_cause(self, chunk: Chunk, event: JobEvent, reason: str) -> BatchPoolError | None:
         """Why running a job that ended without a result again cannot help, if it cannot:

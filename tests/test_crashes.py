@@ -190,24 +190,40 @@ def test_call_whose_worker_dies_once_is_retried(ex, tmp_path):
     assert_still_works(ex)
 
 
-def test_map_chunk_with_a_killer_fails_whole_chunk_only(ex, tmp_path):
+def test_map_chunk_with_a_killer_fails_only_the_killer(ex, tmp_path):
     done = tmp_path / "done"
     done.mkdir()
     results = []
-    # Chunks: [0..3] [4..7] [8..11]; only call 5 kills its worker.
+    # Chunks: [0..3] [4..7] [8..11]; only call 5 kills its worker. Its chunk runs again
+    # split ([4, 5] and [6, 7], then [4] and [5]): only call 5 fails.
     it = ex.map(square_or_die, range(12), [5] * 12, [str(done)] * 12, chunksize=4, timeout=30)
     with pytest.raises(WorkerLostError) as info:
         for value in it:
             results.append(value)
-    # Call 4 is harmless but shares the chunk of call 5: the error surfaces at item 4.
-    assert results == [0, 1, 4, 9]
+    assert results == [0, 1, 4, 9, 16]  # the error surfaces at item 5
     text = str(info.value)
-    assert "4 calls to square_or_die()" in text
+    assert "1 call to square_or_die()" in text
     assert "SIGKILL" in text
     ex.shutdown(wait=True)
     ran = {int(p.name) for p in done.iterdir()}
-    assert set(range(8, 12)) <= ran  # the last chunk ran to the end
-    assert 5 not in ran and 6 not in ran and 7 not in ran  # the chunk never got past 5
+    assert {4, 6, 7, *range(8, 12)} <= ran
+    assert 5 not in ran
+
+
+def test_map_chunk_with_a_killer_fails_whole_without_isolation(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    results = []
+    with BatchPoolExecutor(
+        max_workers=2, storage=str(tmp_path), isolate_culprits=False, max_attempts=2
+    ) as ex:
+        it = ex.map(square_or_die, range(8), [5] * 8, [str(done)] * 8, chunksize=4, timeout=30)
+        with pytest.raises(WorkerLostError, match="4 calls to square_or_die") as info:
+            for value in it:
+                results.append(value)
+    assert results == [0, 1, 4, 9]  # call 4 shares the chunk of call 5
+    assert "after 2 attempts" in str(info.value)
+    assert 6 not in {int(p.name) for p in done.iterdir()}  # the chunk never got past 5
 
 
 def test_map_chunk_with_a_killer_at_the_end(ex_one_attempt, tmp_path):
@@ -217,10 +233,11 @@ def test_map_chunk_with_a_killer_at_the_end(ex_one_attempt, tmp_path):
     it = ex_one_attempt.map(
         square_or_die, range(12), [9] * 12, [str(done)] * 12, chunksize=4, timeout=30
     )
-    with pytest.raises(WorkerLostError, match="4 calls to square_or_die"):
+    # max_attempts=1: the culprit still runs alone once (three runs in all).
+    with pytest.raises(WorkerLostError, match=r"1 call to square_or_die.* each of the 3 times"):
         for value in it:
             results.append(value)
-    assert results == [x * x for x in range(8)]  # the other two chunks succeeded
+    assert results == [x * x for x in range(9)]
     assert_still_works(ex_one_attempt)
 
 
