@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchpool import BatchPoolExecutor
+from batchpool.backends.base import Resources
 from batchpool.chunking import (
     CHUNKS_PER_WORKER,
     MAX_AUTO_CHUNKSIZE,
@@ -20,6 +22,9 @@ from batchpool.chunking import (
     common_length,
     iter_chunks,
 )
+from batchpool.chunks import Chunk
+from batchpool.culprits import halves, most_runs, piece_groups, piece_members, wanted_calls
+from batchpool.future import BatchOutcome, BatchPoolFuture, MapBatch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -223,3 +228,76 @@ def test_map_with_buffersize_reads_an_endless_generator_lazily(ex):
 
 def test_map_of_no_iterables_is_empty(ex):
     assert list(ex.map(affine)) == []
+
+
+# -- the pieces of a chunk whose job died (culprits.py) --------------------------------------
+
+members_of_a_chunk = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=8)
+
+
+@pure
+@given(widths=members_of_a_chunk, data=st.data())
+def test_pieces_run_each_wanted_call_once_and_gather_rebuilds_the_batch(
+    widths: list[int], data: st.DataObject
+) -> None:
+    """However a chunk's members lie (one-call futures, map batches of any width), its two
+    pieces run every wanted call exactly once between them, their members and widths
+    cover the chunk's outcome, and each map batch gets back every value at its place."""
+    futures: list[Any] = []
+    for w in widths:
+        futures.append(MapBatch(w) if w > 1 else BatchPoolFuture())
+        futures[-1]._start()
+    chunk = Chunk("c", futures, ["f()"], Resources(), widths=list(widths))
+    n = chunk.n_calls
+    skipped = set(data.draw(st.sets(st.integers(0, n - 1), max_size=n // 3)))
+    # An input skip inside a batch never happens (only whole members are skipped).
+    skipped = {i for i in skipped if chunk_member_width(chunk, i) == 1}
+    wanted = wanted_calls(chunk, skipped)
+    assert wanted == [i for i in range(n) if i not in skipped]
+    halves_ = halves(wanted)
+    assert sorted(halves_[0] + halves_[1]) == wanted
+    assert abs(len(halves_[0]) - len(halves_[1])) <= 1
+    pieces = []
+    for calls in halves_:
+        runs = set(calls)
+        members, piece_widths = piece_members(chunk, runs)
+        assert sum(piece_widths) == n
+        piece = Chunk("p", members, ["f()"], Resources(), widths=piece_widths)
+        covered = [
+            i for m, first, w in piece.spans() if m is not None for i in range(first, first + w)
+        ]
+        assert covered == sorted(runs)
+        groups = piece_groups([(n, b"", tuple(sorted(skipped)))], runs)
+        assert set(groups[0][2]) == set(range(n)) - runs
+        pieces.append(piece)
+    # Each piece completes its members as Completion does: value = the call's index.
+    for piece in pieces:
+        for member, first, w in piece.spans():
+            if member is None or member.done():
+                continue
+            if isinstance(member, MapBatch):
+                member.set_result(BatchOutcome(list(range(first, first + w)), {}))
+            else:
+                member.set_result(first)
+    for member, first, w in chunk.spans():
+        if first in skipped:
+            continue
+        assert member.done()
+        if isinstance(member, MapBatch):
+            assert member.result().values == list(range(first, first + w))
+        else:
+            assert member.result() == first
+
+
+def chunk_member_width(chunk: Chunk, call: int) -> int:
+    for _member, first, w in chunk.spans():
+        if first <= call < first + w:
+            return w
+    raise AssertionError(call)
+
+
+def test_most_runs_of_a_call() -> None:
+    assert most_runs(3, 1) == 3
+    assert most_runs(3, 20) == 6  # 20, 10, 5, 3, 2 calls, then alone
+    assert most_runs(1, 4) == 3
+    assert most_runs(10, 1000) == 11
