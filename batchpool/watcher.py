@@ -903,12 +903,10 @@ class Watcher:
         )
         reason = budget.describe()
         for group in groups:
-            for future in group.futures:
-                if future.done():
-                    self._completion.ended["Cancelled"] += width(future)
-                    continue
+            for future in group.futures:  # not yet run, or cancelled by the caller
                 self._completion.ended["Cancelled"] += width(future)
-                future.set_exception(budget.error())
+                if not future.done():
+                    future.set_exception(budget.error())
         for chunk in waiting:
             self._completion.fail(chunk, budget.error(), state="Cancelled", reason=reason)
         for job_id in queued:
