@@ -163,8 +163,8 @@ def map_parts(
         return part
 
     submitted: collections.deque[MapPart] = collections.deque()
-    if canary:  # its calls run, and return, before the rest of the input is even read
-        first = list(itertools.islice(items, canary))
+    first = list(itertools.islice(items, canary))
+    if first:  # a canary: its calls run, and return, before the rest of the input is read
         slots = max(1, min(len(first), executor._watcher.capacity))
         size = -(-len(first) // slots)  # spread over the workers, for a quick answer
         submitted.extend(submit_chunk(c) for c in iter_chunks(first, min(size, chunksize or size)))
