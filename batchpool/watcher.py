@@ -104,6 +104,7 @@ class Watcher:
         max_poll_interval: float | None = None,
         engine_outage_grace: float = DEFAULT_GRACE,
         cost_per_core_hour: float | None = None,
+        memory_per_core: float | None = None,
         next_chunk: int = 0,
         next_journal: int = 0,
         adopted: Sequence[Adopted] = (),
@@ -152,7 +153,7 @@ class Watcher:
         self._status_query = StatusQuery(backend, self._events.put)
         self._next_store_look = 0.0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
-        self._journal = RunJournal(store, secret, next_journal)
+        self._journal = RunJournal(store, secret, next_journal, memory_per_core)
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
         self._on_cleanup = on_cleanup
@@ -163,6 +164,7 @@ class Watcher:
             journal=self._journal,
             on_initializer_failed=self._break,
             cost_per_core_hour=cost_per_core_hour,
+            memory_per_core=memory_per_core,
         )
         self._resumed = 0  # calls that returned in an earlier session (callers' threads)
         self._cancelled_pending = 0  # calls cancel_pending cancelled (callers' threads)
@@ -768,6 +770,7 @@ class Watcher:
             if detail:
                 reason = f"{reason}: {detail}"
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
+        self._completion.lost_attempt(chunk, reason)  # its time is billed (billing.py)
         fatal = self._fatal_cause(chunk, event, reason)
         if fatal is not None:  # a retry would run the calls again, and fail the same way
             self._completion.fail(chunk, fatal, reason=f"{type(fatal).__name__}: {fatal}")
