@@ -218,6 +218,20 @@ def test_an_attempt_that_died_is_billed_and_shown_apart(tmp_path: Path) -> None:
     lost_hours = round(usage.lost_core_hours, 6)
     assert (shown["lost_attempts"], shown["lost_core_hours"]) == (3, lost_hours)
     assert "3 attempts that died" in str(view.usage())
+    # The run's web page shows it too.
+    pytest.importorskip("flask")
+    import requests
+
+    from batchpool.ui import UIServer
+
+    folder = run_url.rsplit("/", 1)[-1]
+    with UIServer(str(tmp_path / "runs")) as ui:
+        session = requests.Session()
+        session.cookies.set(f"batchpool_ui_{ui.port}", ui.token)
+        page = session.get(f"{ui.base_url}/api/runs/{folder}", timeout=30).json()
+        html = session.get(f"{ui.base_url}/runs/{folder}", timeout=30).text
+    assert (page["lost_attempts"], page["lost_core_hours"]) == (3, round(usage.lost_core_hours, 4))
+    assert "core-hours billed for 3 attempts that died without a result" in html
 
 
 def test_a_dead_attempt_that_never_started_leaves_no_marker(tmp_path: Path) -> None:
@@ -288,3 +302,32 @@ def test_slurm_jobs_are_billed_the_cores_their_memory_implies(slurm: str, tmp_pa
     assert usage.jobs == 3 and usage.core_hours == pytest.approx(expected, rel=1e-9)
     shown = status_json(run_url)["usage"]
     assert isinstance(shown, dict) and shown["core_hours"] == round(expected, 6)
+
+
+def test_a_job_found_dead_waits_for_its_retry_and_attach_runs_it_again() -> None:
+    # The moment between the client's writing the lost attempt's end marker and its
+    # handing over the retry: the store says Pending (as the client counts it), not
+    # Error, so a client that attaches then runs the job again instead of giving it up.
+    from batchpool.backends.base import Resources
+    from batchpool.backends.local import LocalBackend
+    from batchpool.chunks import Chunk
+    from batchpool.documents import EndMarker, GivenUp, StartMarker
+    from batchpool.recovery import _how
+    from batchpool.runs import JobView, _derive
+
+    chunk_id = "00000000-0123456789ab"
+    start = StartMarker(chunk=chunk_id, attempt=1, host="elsewhere", started=100.0)
+    end = EndMarker(chunk=chunk_id, attempt=1, started=100.0, ended=160.0, wall_seconds=60.0,
+                    error="lost: its worker process exited with code 1", lost=True)  # fmt: skip
+    job = JobView(chunk_id, calls=1, job_ids=["local-1"], starts={1: start}, ends={1: end})
+    _derive(job, set(), None)
+    assert (job.state, job.exit, job.reason, job.duration) == ("Pending", end.error, None, 60.0)
+    backend = LocalBackend(1)
+    try:
+        how = _how(job, Chunk(chunk_id, [], [], Resources()), backend, "here", 1.0)
+    finally:
+        backend.close()
+    assert (how.how, how.chunk.attempt) == ("new", 2)  # started elsewhere: a new attempt
+    given_up = GivenUp(chunk=chunk_id, attempt=1, state="Error", reason="lost, every attempt")
+    _derive(job, set(), given_up)
+    assert (job.state, job.exit) == ("Error", "lost")
