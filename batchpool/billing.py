@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batchpool import documents
-from batchpool.backends.base import amount_mib
+from batchpool.backends.base import Resources, amount_mib
 from batchpool.documents import EndMarker, StartMarker
+from batchpool.runs import format_cost
 from batchpool.store import Store
 
 if TYPE_CHECKING:
@@ -95,8 +96,9 @@ def billed_cores(
 
     With ``memory_per_core`` (GiB per core; None or 0: off) the job is billed the
     larger of ``cpus`` and ``memory / memory_per_core``, rounded up to Hail Batch's
-    core sizes (0.25, 0.5, 1, 2, 4, ...): 1 CPU and "7G" at 3.75 is 2 cores, 1 CPU and
-    "16G" is 8, 0.5 CPU and "1G" is 0.5. Without it, the job is billed ``cpus``.
+    core sizes (0.25, 0.5, 1, 2, 4, ...; Hail rounds the cores asked up too, so 3 CPUs
+    bill 4): 1 CPU and "7G" at 3.75 is 2 cores, 1 CPU and "16G" is 8, 0.5 CPU and "1G"
+    is 0.5. Without it, the job is billed ``cpus``, as asked.
     ``memory`` is the job option (``"7G"``, ``"512M"``, bytes as an int; Hail's
     ``"standard"``, ``"lowmem"`` and ``"highmem"`` follow the cores)."""
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not cpus > 0:
@@ -116,7 +118,7 @@ def billed_cores(
     return core_size(max(float(cpus), implied))
 
 
-def billed_cores_of(resources: Any, memory_per_core: float | None) -> float:
+def billed_cores_of(resources: Resources, memory_per_core: float | None) -> float:
     """``billed_cores`` of a job's ``Resources``; its CPUs when its memory cannot be read
     (the engine says what is wrong with it: billing never stops a run)."""
     try:
@@ -199,8 +201,6 @@ class Estimate:
     function: str = "the function"
 
     def __str__(self) -> str:
-        from batchpool.runs import format_cost
-
         workers = f"{self.workers} worker{'s' if self.workers != 1 else ''}"
         text = (
             f"about {_duration(self.wall_seconds)} on {workers}, "
