@@ -440,8 +440,10 @@ class BatchPoolExecutor(cf.Executor):
 
     def usage(self) -> Usage:
         """What the jobs that ended so far used: wall and CPU time, core-hours (wall
-        time times the CPUs each job asked for: what batch services bill), the largest
-        peak memory of a job, and ``cost`` when ``cost_per_core_hour`` was given."""
+        time times the cores each job is billed: its CPUs, or the cores its memory
+        implies with ``memory_per_core``), the time lost to attempts that died (billed
+        too, and shown apart), the largest peak memory of a job, and ``cost`` when
+        ``cost_per_core_hour`` was given."""
         return self._watcher.usage()
 
     def estimate(
