@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_slurm import slurm  # noqa: F401  (the fixture that starts the local Slurm cluster)
 
 from batchpool import BatchPoolExecutor, Estimate, WorkerLostError
@@ -108,6 +110,21 @@ def test_core_sizes_are_powers_of_two_from_a_quarter() -> None:
     assert [core_size(c) for c in (0.01, 0.25, 0.3, 0.5, 0.9, 1, 1.01, 2, 3, 5, 16, 17)] == [
         0.25, 0.25, 0.5, 0.5, 1, 1, 2, 2, 4, 8, 16, 32,
     ]  # fmt: skip
+
+
+@given(
+    cpus=st.sampled_from([0.25, 0.5, 1, 2, 4, 8, 16]),
+    mib=st.integers(min_value=1, max_value=1 << 20),
+    per_core=st.floats(min_value=0.1, max_value=64),
+)
+def test_billed_cores_is_the_smallest_core_size_that_holds_cpus_and_memory(
+    cpus: float, mib: int, per_core: float
+) -> None:
+    billed = billed_cores(cpus, f"{mib}M", per_core)
+    assert billed == core_size(billed)  # a core size
+    assert billed >= cpus and billed * per_core * 1024 >= mib * (1 - 1e-9)  # holds both
+    smaller = billed / 2
+    assert smaller < cpus or smaller * per_core * 1024 < mib or billed == 0.25  # the least
 
 
 @pytest.mark.parametrize("bad", [-1, "lots", float("nan"), True, [3.75], "3.75 per core"])
