@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from batchpool.backends import Backend, JobSpec, JobState, LocalBackend, register_backend
+from batchpool.billing import Estimate
 from batchpool.errors import (
     BackendError,
     BatchPoolError,
@@ -28,6 +29,7 @@ __all__ = [
     "BatchPoolFuture",
     "BlobRef",
     "EnvironmentMismatchError",
+    "Estimate",
     "FailureBudgetExceeded",
     "InitializerError",
     "IntegrityError",

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from batchpool.billing import billed_cores_of, record_lost_attempt
 from batchpool.budget import FailureBudget, failure_text
 from batchpool.chunks import Chunk
 from batchpool.errors import BatchPoolError, StorageError, fatal_error
@@ -42,8 +43,10 @@ class Completion:
         on_initializer_failed: Callable[[BaseException], None],
         on_budget_exceeded: Callable[[FailureBudget], None],
         cost_per_core_hour: float | None = None,
+        memory_per_core: float | None = None,
     ) -> None:
         self._store = store
+        self._memory_per_core = memory_per_core  # the billing rule (billing.billed_cores)
         self._secret = secret
         self._serializer = serializer
         self._journal = journal
@@ -154,6 +157,13 @@ class Completion:
             if budget.record(ended, failures, failed):
                 self._on_budget_exceeded(budget)
 
+    def lost_attempt(self, chunk: Chunk, reason: str) -> None:
+        """The chunk's attempt died without an outcome: write its end marker on its
+        worker's behalf (if it started and wrote none), and count its time as lost."""
+        end = record_lost_attempt(self._store, self._secret, chunk.id, chunk.attempt, reason)
+        if end is not None:
+            self.usage.add(end, billed_cores_of(chunk.resources, self._memory_per_core))
+
     def usage_copy(self) -> Usage:
         usage = self.usage
         return Usage(**{name: getattr(usage, name) for name in usage.__dataclass_fields__})
@@ -175,7 +185,7 @@ class Completion:
             if errors:
                 record.exit += f": {errors[0]}"
         if "wall_seconds" in meta:
-            self.usage.add(meta, chunk.resources.cpus)
+            self.usage.add(meta, billed_cores_of(chunk.resources, self._memory_per_core))
             calls = meta.get("calls") or 0
             if calls > 0 and len(set(chunk.labels)) == 1:
                 self.seconds_per_call[chunk.labels[0]] = float(meta["wall_seconds"]) / calls

@@ -96,6 +96,8 @@ class Settings(Document, kw_only=True):
     serializer: Literal["cloudpickle", "dill"] = "cloudpickle"
     resume: bool = False
     cost_per_core_hour: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    #: GiB of memory per billed core (``billing.billed_cores``); None or 0: bill the CPUs.
+    memory_per_core: Annotated[float, msgspec.Meta(ge=0)] | None = None
     job_options: dict[str, Any] = {}
 
 
@@ -135,6 +137,8 @@ class Handed(Document, kw_only=True):
     calls: Count
     labels: list[Text] = []
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    #: The cores the job is billed (``billing.billed_cores``); None in older runs: cpus.
+    billed_cores: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class GivenUp(Document, kw_only=True):
@@ -200,6 +204,10 @@ class EndMarker(Document, kw_only=True):
     tracebacks: list[Text] = []
     #: The worker itself failed (not a call): why.
     error: Text | None = None
+    #: Written by the client for a worker that died without writing it: the attempt ran
+    #: from its start marker until the client learned it was lost (billed, as services
+    #: bill preempted time).
+    lost: bool = False
 
 
 class CancelRequest(Document, kw_only=True):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from batchpool import documents
+from batchpool import billing, documents
 from batchpool.backends.base import Backend, Resources, make_backend
 from batchpool.backends.local import LocalBackend, WorkerProcess
 from batchpool.budget import FailureBudget, check_max_failures
@@ -181,6 +181,10 @@ class BatchPoolExecutor(cf.Executor):
       repeated. Implies ``cleanup_bucket=False``.
     - ``cost_per_core_hour``: a price, to turn the core-hours of ``usage()`` (and
       ``batchpool status``) into an estimated cost.
+    - ``memory_per_core``: GiB of memory per billed core (a number, or ``"3.75G"``): a
+      job is billed the larger of its CPUs and the cores its memory implies, in Hail
+      Batch's core sizes (``billing.billed_cores``). Default: the backend's
+      (``Backend.memory_per_core``: 3.75 for Hail Batch, off for the others); 0: off.
     - ``ship_code``: pickle functions and classes of your own modules (``__main__``
       and source files that are not installed packages) by value, so workers that
       cannot import them run them anyway. Default: on for backends whose workers do
@@ -218,6 +222,7 @@ class BatchPoolExecutor(cf.Executor):
         isolate_culprits: bool = True,
         canary: int = 0,
         max_failures: int | float | None = None,
+        memory_per_core: float | str | None = None,
         _reopened: Reopened | None = None,
     ) -> None:
         if max_workers is not None:
@@ -254,6 +259,8 @@ class BatchPoolExecutor(cf.Executor):
         self._budget = None if limit is None else FailureBudget(limit, "the executor")
         cpus = _parse_cpus(cpus_per_job) if cpus_per_job is not None else 1.0
         self._resources = Resources(cpus=cpus, image=image).replace(**(job_options or {}))
+        if memory_per_core is not None:  # refused before any backend is made
+            billing.billed_cores(cpus, self._resources.memory, memory_per_core)
         self._serializer = get_serializer(serializer)
         self._resume = resume
         self.name = name
@@ -286,6 +293,9 @@ class BatchPoolExecutor(cf.Executor):
                 backend.close()
             raise
         self._backend = backend
+        self._memory_per_core = billing.memory_per_core_gib(
+            backend.memory_per_core if memory_per_core is None else memory_per_core
+        )
         self._payloads = Payloads(
             self._serializer,
             ship_code=not backend.shares_client_code if ship_code is None else ship_code,
@@ -340,6 +350,7 @@ class BatchPoolExecutor(cf.Executor):
             serializer=self._serializer.name,  # type: ignore[arg-type]
             resume=resume,
             cost_per_core_hour=cost_per_core_hour,
+            memory_per_core=self._memory_per_core or 0.0,
             job_options=documents.to_builtins(dataclasses.asdict(self._resources)),
         )
         client = ClientInfo(
@@ -412,6 +423,7 @@ class BatchPoolExecutor(cf.Executor):
             max_poll_interval=max_poll_interval,
             engine_outage_grace=engine_outage_grace,
             cost_per_core_hour=cost_per_core_hour,
+            memory_per_core=self._memory_per_core,
             next_chunk=_reopened.next_chunk if _reopened is not None else 0,
             next_journal=_reopened.next_journal if _reopened is not None else 0,
             adopted=_reopened.adopted if _reopened is not None else (),
@@ -454,9 +466,20 @@ class BatchPoolExecutor(cf.Executor):
 
     def usage(self) -> Usage:
         """What the jobs that ended so far used: wall and CPU time, core-hours (wall
-        time times the CPUs each job asked for: what batch services bill), the largest
-        peak memory of a job, and ``cost`` when ``cost_per_core_hour`` was given."""
+        time times the cores each job is billed: its CPUs, or the cores its memory
+        implies with ``memory_per_core``), the time lost to attempts that died (billed
+        too, and shown apart), the largest peak memory of a job, and ``cost`` when
+        ``cost_per_core_hour`` was given."""
         return self._watcher.usage()
+
+    def estimate(
+        self, fn: Callable[..., Any], items: Iterable[Any], *, sample: int = 10
+    ) -> billing.Estimate:
+        """Run the first ``sample`` calls of ``map(fn, items)`` (one iterable) as jobs, time
+        them, and say how long the whole map would take on this executor's workers and
+        how many core-hours it would bill (``Estimate``; ``str()`` says it in a sentence).
+        A sample call that raises raises here. See ``billing.estimate``."""
+        return billing.estimate(self, fn, items, sample)
 
     def ui(self, *, open_browser: bool = True, port: int = 0) -> str:
         """Serve the web page of this run's storage (``batchpool ui``; needs the ``ui``
@@ -521,6 +544,7 @@ class BatchPoolExecutor(cf.Executor):
             "max_attempts": settings.max_attempts,
             "cleanup_bucket": settings.cleanup_bucket,
             "cost_per_core_hour": settings.cost_per_core_hour,
+            "memory_per_core": settings.memory_per_core,
             "job_options": job_options,
             "max_workers": settings.max_workers,
         }

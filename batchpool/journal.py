@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from batchpool import documents
+from batchpool.billing import billed_cores_of
 from batchpool.chunks import Chunk
 from batchpool.documents import JournalEntry, Manifest
 from batchpool.store import Store
@@ -36,9 +37,12 @@ class RunJournal:
     """The run's journal and job table. Used by the watcher thread, and ``add`` also by
     callers' threads (``note_rerun``)."""
 
-    def __init__(self, store: Store, secret: bytes, next_seq: int = 0) -> None:
+    def __init__(
+        self, store: Store, secret: bytes, next_seq: int = 0, memory_per_core: float | None = None
+    ) -> None:
         self._store = store
         self._secret = secret
+        self._memory_per_core = memory_per_core  # the billing rule (billing.billed_cores)
         self._lock = threading.Lock()
         self._next_seq = next_seq
         self._handed: list[dict[str, Any]] = []  # hand-overs not yet journaled
@@ -67,6 +71,7 @@ class RunJournal:
                 "calls": chunk.live_calls(),
                 "labels": sorted(set(chunk.labels)),
                 "cpus": chunk.resources.cpus,
+                "billed_cores": billed_cores_of(chunk.resources, self._memory_per_core),
             }
             for chunk in chunks
         ]

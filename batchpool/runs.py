@@ -16,7 +16,8 @@ A job (one chunk, over its attempts) is in one of Hail Batch's states
 - **Cancelled**: the client dropped the job (journal).
 - **Running**: a worker wrote its start marker and no end marker yet.
 - **Ready**: the client handed it to the engine (journal); no worker started yet.
-- **Pending**: its input is in the store, waiting for the client to hand it over.
+- **Pending**: its input is in the store, waiting for the client to hand it over
+  (or over again: the client found its last attempt dead, ``EndMarker.lost``).
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ __all__ = [
 class Usage:
     """What the jobs of a run used, summed over the attempts that ended.
 
-    ``core_seconds`` is wall time times the CPUs each job asked for: what batch
-    services bill. ``cpu_seconds`` is the CPU time the workers used.
-    ``peak_memory_bytes`` is the largest peak resident size of one job.
+    ``core_seconds`` is wall time times the cores each job is billed: the CPUs it
+    asked for, or more when the run bills memory too (``memory_per_core``, see
+    ``billing.billed_cores``): what batch services bill. It includes the time of
+    attempts that died without an outcome (services bill preempted time), which is
+    also counted apart: ``lost_attempts``, ``lost_seconds``, ``lost_core_seconds``.
+    ``cpu_seconds`` is the CPU time the workers used. ``peak_memory_bytes`` is the
+    largest peak resident size of one job. ``jobs`` counts the attempts whose worker
+    said how they ended.
     """
 
     jobs: int = 0
@@ -72,21 +78,34 @@ class Usage:
     core_seconds: float = 0.0
     peak_memory_bytes: int = 0
     cost_per_core_hour: float | None = None
+    lost_attempts: int = 0
+    lost_seconds: float = 0.0
+    lost_core_seconds: float = 0.0
 
     def add(self, end: EndMarker | Mapping[str, Any], cpus: float = 1.0) -> None:
-        """Count one job's end marker (or the meta of its outcome)."""
+        """Count one job's end marker (or the meta of its outcome), billed ``cpus``
+        cores; an end marker the client wrote for an attempt that died (``lost``)
+        counts as lost time."""
         if isinstance(end, EndMarker):
             wall, cpu, peak = end.wall_seconds, end.cpu_seconds, end.peak_memory_bytes
+            lost = end.lost
         else:
             wall, cpu, peak = (
                 end.get("wall_seconds"),
                 end.get("cpu_seconds"),
                 end.get("peak_memory_bytes"),
             )
+            lost = bool(end.get("lost"))
+        seconds = float(wall or 0.0)
+        self.wall_seconds += seconds
+        self.core_seconds += seconds * cpus
+        if lost:
+            self.lost_attempts += 1
+            self.lost_seconds += seconds
+            self.lost_core_seconds += seconds * cpus
+            return
         self.jobs += 1
-        self.wall_seconds += float(wall or 0.0)
         self.cpu_seconds += float(cpu or 0.0)
-        self.core_seconds += float(wall or 0.0) * cpus
         self.peak_memory_bytes = max(self.peak_memory_bytes, int(peak or 0))
 
     @property
@@ -96,6 +115,11 @@ class Usage:
     @property
     def cpu_hours(self) -> float:
         return self.cpu_seconds / 3600
+
+    @property
+    def lost_core_hours(self) -> float:
+        """The core-hours of attempts that died without an outcome (in ``core_hours``)."""
+        return self.lost_core_seconds / 3600
 
     @property
     def cost(self) -> float | None:
@@ -114,6 +138,9 @@ class Usage:
             "peak_memory_bytes": self.peak_memory_bytes,
             "cost_per_core_hour": self.cost_per_core_hour,
             "estimated_cost": None if self.cost is None else round(self.cost, 6),
+            "lost_attempts": self.lost_attempts,
+            "lost_seconds": round(self.lost_seconds, 3),
+            "lost_core_hours": round(self.lost_core_hours, 6),
         }
 
     def __str__(self) -> str:
@@ -122,16 +149,20 @@ class Usage:
             f"{self.core_hours:.4f} core-hours billed, {self.cpu_hours:.4f} CPU-hours used, "
             f"peak memory {format_bytes(self.peak_memory_bytes)}"
         )
+        if self.lost_attempts:
+            attempts = f"{self.lost_attempts} attempt{'s' if self.lost_attempts != 1 else ''}"
+            text += f", {self.lost_core_hours:.4f} lost core-hours ({attempts} that died)"
         if self.cost is not None:
             cost = format_cost(self.cost)
             text += f", estimated cost {cost} (at {self.cost_per_core_hour}/core-hour)"
         return text
 
     def add_job(self, job: JobView) -> None:
-        """Count every attempt of ``job`` that ended saying how long it ran."""
+        """Count every attempt of ``job`` that ended saying how long it ran, at the cores
+        the job is billed (the journal's, else the CPUs it asked for)."""
         for end in job.ends.values():
             if end.wall_seconds is not None:
-                self.add(end, job.cpus)
+                self.add(end, job.billed_cores if job.billed_cores is not None else job.cpus)
 
 
 def format_cost(cost: float) -> str:
@@ -161,6 +192,8 @@ class JobView:
     labels: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     cpus: float = 1.0
+    #: The cores the job is billed (the journal's ``Handed.billed_cores``), if recorded.
+    billed_cores: float | None = None
     host: str | None = None
     pid: int | None = None
     pid_started: float | None = None
@@ -208,6 +241,8 @@ class JobView:
             "calls": self.calls,
             "labels": self.labels,
             "job_ids": self.job_ids,
+            "cpus": self.cpus,
+            "billed_cores": self.billed_cores,
             "host": self.host,
             "started": self.started,
             "ended": self.ended,
@@ -450,6 +485,7 @@ def read_run(store: Store, secret: bytes | None = None) -> RunView:
             view.calls = handed.calls
             view.labels = handed.labels or view.labels
             view.cpus = handed.cpus
+            view.billed_cores = handed.billed_cores
         for given_up in entry.given_up:
             final[given_up.chunk] = given_up
         if entry.closed is not None:
@@ -526,6 +562,11 @@ def _derive(view: JobView, results: set[tuple[str, int]], given_up: GivenUp | No
         view.split_into = list(given_up.split_into)
         if view.split_into:
             view.exit = "lost: split"
+    elif end is not None and end.lost:
+        # The client found this attempt dead (and wrote its end marker) and has not
+        # given up on it: it waits to be handed over again, as the client counts it.
+        # Not Error: an attach runs it again (recovery._how), as it would have.
+        view.state, view.exit = "Pending", end.error
     elif end is not None:  # the worker failed before it wrote an outcome
         view.state, view.exit = "Error", end.error or "no outcome"
         view.reason = view.exit

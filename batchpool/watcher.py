@@ -116,6 +116,7 @@ class Watcher:
         max_poll_interval: float | None = None,
         engine_outage_grace: float = DEFAULT_GRACE,
         cost_per_core_hour: float | None = None,
+        memory_per_core: float | None = None,
         next_chunk: int = 0,
         next_journal: int = 0,
         adopted: Sequence[Adopted] = (),
@@ -166,7 +167,7 @@ class Watcher:
         self._status_query = StatusQuery(backend, self._events.put)
         self._next_store_look = 0.0
         self._next_chunk = next_chunk  # chunk ids start with this run-wide sequence number
-        self._journal = RunJournal(store, secret, next_journal)
+        self._journal = RunJournal(store, secret, next_journal, memory_per_core)
         self._orphans: dict[str, Chunk] = {}  # adopted chunks whose jobs died with a client
         self._adopted = list(adopted)
         self._on_cleanup = on_cleanup
@@ -180,6 +181,7 @@ class Watcher:
             on_initializer_failed=self._break,
             on_budget_exceeded=self._tripped.append,
             cost_per_core_hour=cost_per_core_hour,
+            memory_per_core=memory_per_core,
         )
         self._resumed = 0  # calls that returned in an earlier session (callers' threads)
         self._cancelled_pending = 0  # calls cancel_pending cancelled (callers' threads)
@@ -783,6 +785,7 @@ class Watcher:
             if detail:
                 reason = f"{reason}: {detail}"
         chunk.reasons.append(f"attempt {chunk.attempt} (job {event.job_id}): {reason}")
+        self._completion.lost_attempt(chunk, reason)  # its time is billed (billing.py)
         fatal = self._fatal_cause(chunk, event, reason)
         if fatal is not None:  # a retry would run the calls again, and fail the same way
             self._completion.fail(chunk, fatal, reason=f"{type(fatal).__name__}: {fatal}")

@@ -261,6 +261,12 @@ class Backend(abc.ABC):
     #: Then a client that attaches to a run checks the store's markers instead.
     job_ids_outlive_client: ClassVar[bool] = False
 
+    #: GiB of memory per core the engine bills by, for the executor's default
+    #: ``memory_per_core`` (``billing.billed_cores``): a job that asks more memory than
+    #: its CPUs come with is billed the cores that memory implies. None: the engine bills
+    #: the CPUs asked for (or bills nothing), whatever the memory.
+    memory_per_core: ClassVar[float | None] = None
+
     def describe(self) -> dict[str, Any]:
         """What a run's manifest records of this backend: ``{"name", "options"}``, where
         ``make_backend(name, **options)`` rebuilds one for ``attach`` (which uses them only

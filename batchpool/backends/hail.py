@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
 from batchpool.errors import FATAL_EXIT_CODE, BackendError
@@ -170,6 +170,9 @@ class HailBatchBackend(Backend):
     bounded = False
     shares_client_code = False
     job_ids_outlive_client = True  # the service's; False per instance with LocalBackend
+    #: The service bills the cores a job's memory implies, 3.75 GB each (its docs'
+    #: "Billing": 1 CPU and 7 GB bills 2 cores); a LocalBackend bills nothing (None).
+    memory_per_core: ClassVar[float | None] = 3.75
 
     def __init__(
         self,
@@ -236,6 +239,7 @@ class HailBatchBackend(Backend):
             self.notifies = True  # type: ignore[misc]
             self.bounded = True  # type: ignore[misc]
             self.job_ids_outlive_client = False  # type: ignore[misc]
+            self.memory_per_core = None  # type: ignore[misc]
             self._dir = tempfile.mkdtemp(prefix="batchpool-hail-")  # mode 0700
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -154,6 +154,8 @@ def run_summary(folder: str, loaded: LoadedRun) -> dict[str, Any]:
         "cpu_seconds": round(usage.cpu_seconds, 1),
         "cpu": cli.format_duration(usage.cpu_seconds if usage.jobs else None),
         "core_hours": round(usage.core_hours, 4),
+        "lost_core_hours": round(usage.lost_core_hours, 4),
+        "lost_attempts": usage.lost_attempts,
         "cost": usage.cost,
         "size_bytes": run.size_bytes,
         "size": format_bytes(run.size_bytes),
@@ -207,7 +209,8 @@ def job_row(job: JobView, price: float | None = None) -> dict[str, Any]:
 
 
 def _job_cost(job: JobView, price: float | None) -> float | None:
-    """What the job's attempts cost, as ``Usage`` bills them: wall time times its CPUs."""
+    """What the job's attempts cost, as ``Usage`` bills them: wall time times its billed
+    cores, the attempts that died included."""
     if price is None:
         return None
     usage = Usage(cost_per_core_hour=price)
