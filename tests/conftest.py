@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             marker = item.get_closest_marker("timeout")
             base = float(marker.args[0]) if marker and marker.args else 120.0
             item.add_marker(pytest.mark.timeout(base + extra), append=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpython_classes_from_the_start(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """CPython's test_concurrent_futures classes run in child interpreters that mostly
+    wait (tests/test_stdlib_futures.py): started as the session begins, they run beside
+    the other tests instead of adding four minutes at the end of the suite."""
+    module = sys.modules.get("test_stdlib_futures")
+    runs = (
+        None if module is None else module.start_with_the_session(request.session, tmp_path_factory)
+    )
+    yield
+    if runs is not None:
+        runs.close()
 
 
 @pytest.fixture

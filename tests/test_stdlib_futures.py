@@ -34,7 +34,9 @@ stderr) and its thread-exception hooks out of the tests. The child writes a JSON
 per test; each pytest test here is one CPython test and reports its outcome, traceback
 and output. A CPython test that runs longer than ``TEST_TIMEOUT`` has its stacks dumped,
 its child ends, and the rest of its class goes on in a new child. Classes run
-``BATCHPOOL_CPYTHON_JOBS`` (default 2) at a time, ahead of pytest's order.
+``BATCHPOOL_CPYTHON_JOBS`` (default 2) at a time, ahead of pytest's order: in the whole
+suite they start with the session (conftest.py), beside the other tests, whose engines
+keep them waiting more than computing; the tests here then read what they found.
 
 Run it alone: ``python -m pytest tests/test_stdlib_futures.py`` (``-m "not cpython"``
 leaves it out). When the suite cannot be fetched, the tests fail and say why.
@@ -427,20 +429,49 @@ def _read_records(report: Path) -> list[dict[str, Any]]:
     return records
 
 
+#: The runs, when they were started with the session (``start_with_the_session``).
+_started: _Runs | None = None
+
+
+def start_with_the_session(
+    session: pytest.Session, tmp_path_factory: pytest.TempPathFactory
+) -> _Runs | None:
+    """Start the runs of the CPython classes this session selected, if any (called by
+    conftest.py as the session begins): their children mostly wait, so they run beside
+    the rest of the suite instead of adding minutes at its end. The caller closes them."""
+    global _started
+    classes = _selected_classes(session, sys.modules[__name__])
+    suite, _, problem = _listing()
+    if not classes or suite is None or problem is not None:
+        return None
+    _started = _Runs(suite, tmp_path_factory.mktemp("cpython-futures"), classes)
+    return _started
+
+
+def _selected_classes(session: pytest.Session, module: Any) -> dict[str, list[str]]:
+    classes: dict[str, list[str]] = {}
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        in_module = getattr(item, "module", None) is module
+        if in_module and callspec is not None and "cpython_test" in callspec.params:
+            test_id = callspec.params["cpython_test"]
+            if test_id:
+                classes.setdefault(_class_of(test_id), []).append(test_id)
+    return classes
+
+
 @pytest.fixture(scope="module")
 def cpython_runs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[_Runs]:
-    """The runs of the CPython classes that this session selected, started at once."""
+    """The runs of the CPython classes that this session selected: those started with
+    the session, or started now."""
+    if _started is not None:
+        yield _started
+        return
     suite, _, _ = _listing()
     assert suite is not None
-    classes: dict[str, list[str]] = {}
-    for item in request.session.items:
-        callspec = getattr(item, "callspec", None)
-        in_module = getattr(item, "module", None) is request.module
-        if in_module and callspec is not None and "cpython_test" in callspec.params:
-            test_id = callspec.params["cpython_test"]
-            classes.setdefault(_class_of(test_id), []).append(test_id)
+    classes = _selected_classes(request.session, request.module)
     runs = _Runs(suite, tmp_path_factory.mktemp("cpython-futures"), classes)
     try:
         yield runs
