@@ -34,6 +34,8 @@ from batchpool.serialization import Group
 #: and the chunk it was split from (``attach`` takes a piece over only when the
 #: journal says that chunk was split, and not the chunk itself).
 PIECE_OF, SPLIT_FROM = "piece_of", "split_from"
+#: In a piece's input header: how many times its calls had died (``inherited_deaths``).
+DEATHS = "deaths"
 
 
 def most_runs(max_attempts: int, n_calls: int) -> int:

@@ -98,6 +98,11 @@ class Settings(Document, kw_only=True):
     cost_per_core_hour: Annotated[float, msgspec.Meta(ge=0)] | None = None
     #: GiB of memory per billed core (``billing.billed_cores``); None or 0: bill the CPUs.
     memory_per_core: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    #: Good citizenship on a shared cluster (README): culprit isolation, the canary of
+    #: every map, the executor's failure budget (a count, or a fraction of calls ended).
+    isolate_culprits: bool = True
+    canary: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_failures: Annotated[float, msgspec.Meta(ge=0)] | None = None
     job_options: dict[str, Any] = {}
 
 

@@ -351,6 +351,9 @@ class BatchPoolExecutor(cf.Executor):
             resume=resume,
             cost_per_core_hour=cost_per_core_hour,
             memory_per_core=self._memory_per_core or 0.0,
+            isolate_culprits=isolate_culprits,
+            canary=self._canary,
+            max_failures=limit,
             job_options=documents.to_builtins(dataclasses.asdict(self._resources)),
         )
         client = ClientInfo(
@@ -545,6 +548,10 @@ class BatchPoolExecutor(cf.Executor):
             "cleanup_bucket": settings.cleanup_bucket,
             "cost_per_core_hour": settings.cost_per_core_hour,
             "memory_per_core": settings.memory_per_core,
+            "isolate_culprits": settings.isolate_culprits,
+            "canary": settings.canary,
+            # a count comes back as a float from JSON when it was written as one
+            "max_failures": _budget_limit(settings.max_failures),
             "job_options": job_options,
             "max_workers": settings.max_workers,
         }
@@ -848,6 +855,13 @@ def _backend_from_manifest(manifest: Manifest, max_workers: int | None) -> Backe
             f"could not rebuild the {name!r} backend of run {manifest.run_id} from its "
             f"manifest ({type(exc).__name__}: {exc}); pass backend= to attach"
         ) from exc
+
+
+def _budget_limit(value: float | None) -> int | float | None:
+    """``max_failures`` as recorded: a count is an int again (a fraction is below 1)."""
+    if value is None or value < 1 or value != int(value):
+        return value
+    return int(value)
 
 
 def _check_same_serializer(reopened: Reopened, serializer: str) -> None:

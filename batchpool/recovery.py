@@ -36,7 +36,7 @@ import platformdirs
 from batchpool import documents
 from batchpool.backends.base import Backend, Resources
 from batchpool.chunks import Adopted, Chunk
-from batchpool.culprits import PIECE_OF, SPLIT_FROM, input_skips
+from batchpool.culprits import DEATHS, PIECE_OF, SPLIT_FROM, input_skips
 from batchpool.documents import ClientInfo, JournalEntry, Manifest
 from batchpool.errors import BatchPoolError, IntegrityError, StorageError
 from batchpool.future import BatchPoolFuture, JobRecord
@@ -395,6 +395,7 @@ def adopt(reopened: Reopened, backend: Backend, resources: Resources, orphan_gra
         if piece_of is not None:  # a piece: its calls are those of the chunk split
             if header.get(SPLIT_FROM) not in split or piece_of not in calls_of:
                 continue  # that chunk itself is taken over (the client died splitting it)
+            chunk.inherited_deaths = int(header.get(DEATHS) or 0)
             skipped = input_skips(groups)
             for i, future in enumerate(calls_of[piece_of]):
                 chunk.futures.append(None if i in skipped else future)

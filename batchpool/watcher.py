@@ -42,6 +42,7 @@ from batchpool.chunking import coalesce_target
 from batchpool.chunks import Adopted, CallGroup, Chunk
 from batchpool.completion import Completion, storage_error
 from batchpool.culprits import (
+    DEATHS,
     PIECE_OF,
     SPLIT_FROM,
     halves,
@@ -841,7 +842,12 @@ class Watcher:
         wanted = wanted_calls(chunk, input_skips(groups))
         if len(wanted) < 2:
             return False
-        header = {**header, PIECE_OF: header.get(PIECE_OF, chunk.id), SPLIT_FROM: chunk.id}
+        header = {
+            **header,
+            PIECE_OF: header.get(PIECE_OF, chunk.id),
+            SPLIT_FROM: chunk.id,
+            DEATHS: chunk.deaths,  # an attach keeps the bound on runs per call
+        }
         pieces: list[Chunk] = []
         for calls in halves(wanted):
             runs = set(calls)

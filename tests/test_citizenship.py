@@ -306,3 +306,25 @@ def test_slurm_canary_budget_and_culprit(slurm: str, tmp_path: Path) -> None:  #
             break
         time.sleep(0.5)
     assert states == {"CANCELLED"}
+
+
+def test_attach_keeps_the_canary_the_budget_and_culprit_isolation(tmp_path: Path) -> None:
+    storage = str(tmp_path / "runs")
+    with BatchPoolExecutor(
+        max_workers=1,
+        storage=storage,
+        cleanup_bucket=False,
+        canary=3,
+        max_failures=2,
+        isolate_culprits=False,
+    ) as bpe:
+        assert list(bpe.map(buggy, range(4, 8))) == [8, 10, 12, 14]
+        run = bpe.run_url.rsplit("/", 1)[-1]
+    with BatchPoolExecutor.attach(storage, run) as again:
+        assert again._canary == 3
+        assert again._budget is not None and again._budget.limit == 2
+        assert isinstance(again._budget.limit, int)  # a count, not a fraction
+        assert again._watcher._isolate_culprits is False
+    with BatchPoolExecutor.attach(storage, run, max_failures=0.5, canary=0) as again:
+        assert again._canary == 0 and again._budget is not None
+        assert again._budget.limit == 0.5
