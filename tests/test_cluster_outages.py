@@ -56,7 +56,9 @@ HTCONDOR_OUTAGE = 15
 #: slurmctld, ~9 s for a controlled shutdown of sge_qmaster), so the first calls are
 #: still running when it is gone and end while it is down.
 NAP = 15
-ITEMS = list(range(6))
+#: Two waves of two: the first runs as the controller stops and ends while it is down;
+#: the second is handed over (held while it is down) and runs after it is back.
+ITEMS = list(range(4))
 
 
 def controller(script: str, action: str) -> str:
