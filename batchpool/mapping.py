@@ -120,9 +120,7 @@ def map_parts(
     executor._check_open()
     chunksize, buffersize = options.chunksize, options.buffersize
     canary = executor._canary if options.canary is None else options.canary
-    budget = None
-    if options.max_failures is not None:
-        budget = FailureBudget(options.max_failures, f"map() of {describe_callable(fn)}")
+    budget = _map_budget(fn, options)
     # Over one iterable, a chunk holds the arguments themselves: no tuple per call to
     # make, pickle and unpickle, and the worker calls fn through map().
     single = len(iterables) == 1
@@ -253,19 +251,26 @@ def _check_canary(
             if outcome.errors:
                 error = outcome.errors[min(outcome.errors)]
         if error is not None:
-            note = (
-                f"batchpool: this call is in the canary of map() of {label} (its first "
-                f"{n_calls} calls, run before the rest): nothing else of the map was "
-                "submitted"
-            )
-            _add_note(error, note)
-            raise error
+            raise _canary_failed(error, label, n_calls)
 
 
-def _add_note(error: BaseException, note: str) -> None:
+def _canary_failed(error: BaseException, label: str, n_calls: int) -> BaseException:
+    """``error`` of a canary call, with a note that nothing else of the map was submitted."""
+    note = (
+        f"batchpool: this call is in the canary of map() of {label} (its first "
+        f"{n_calls} calls, run before the rest): nothing else of the map was submitted"
+    )
     add_note = getattr(error, "add_note", None)  # Python 3.11+
     if add_note is not None and note not in getattr(error, "__notes__", ()):
         add_note(note)
+    return error
+
+
+def _map_budget(fn: Callable[..., Any], options: MapOptions) -> FailureBudget | None:
+    """The map's own ``max_failures`` budget, if it has one."""
+    if options.max_failures is None:
+        return None
+    return FailureBudget(options.max_failures, f"map() of {describe_callable(fn)}")
 
 
 def results(parts: Generator[MapPart, None, None], deadline: float | None) -> MapResults:
@@ -326,15 +331,8 @@ def submitted_map(
         for future in pending:
             error = future.exception()
             if error is not None:
-                _add_note(
-                    error,
-                    f"batchpool: this call is in the canary of map() (its first {canary} "
-                    "calls): nothing else of the map was submitted",
-                )
-                raise error
-    budget = None
-    if options.max_failures is not None:
-        budget = FailureBudget(options.max_failures, f"map() of {describe_callable(fn)}")
+                raise _canary_failed(error, describe_callable(fn), canary)
+    budget = _map_budget(fn, options)
     lock = threading.Lock()
 
     def count(future: cf.Future[Any]) -> None:
