@@ -188,7 +188,10 @@ class Completion:
             self.usage.add(meta, billed_cores_of(chunk.resources, self._memory_per_core))
             calls = meta.get("calls") or 0
             if calls > 0 and len(set(chunk.labels)) == 1:
-                self.seconds_per_call[chunk.labels[0]] = float(meta["wall_seconds"]) / calls
+                # The calls' own time when the worker measured it: the job's wall time
+                # also holds reading its input, which a loaded machine makes long.
+                seconds = meta.get("calls_seconds", meta["wall_seconds"])
+                self.seconds_per_call[chunk.labels[0]] = float(seconds) / calls
 
     def _add_log_tail(self, chunk: Chunk, failures: list[BaseException]) -> None:
         """End the exceptions of a chunk's calls with the last lines of its job's log."""
