@@ -37,7 +37,7 @@ from typing import Any
 from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
 from batchpool.codeship import prepare_worker, share_globals
-from batchpool.documents import Document, EndMarker, StartMarker
+from batchpool.documents import Document, EndMarker, StartMarker, build, to_builtins
 from batchpool.errors import (
     FATAL_EXIT_CODE,
     BackendError,
@@ -646,7 +646,7 @@ def run_job(
     args: Sequence[str],
     env: Any,
     capture: _Capture,
-    deferred: list[Callable[[], None]] | None = None,
+    deferred: list[EndMarker] | None = None,
 ) -> None:
     """Run the job that ``args`` names (``--chunk ID --attempt N``), capturing its output.
 
@@ -698,13 +698,10 @@ def run_job(
                 store.put(store.log_key(chunk, attempt), log)
             except Exception as exc:
                 sys.stderr.write(f"batchpool: could not save the job's output: {exc}\n")
-        write_end = functools.partial(
-            _put_marker, store, store.end_key(chunk, attempt), end, secret
-        )
         if deferred is None:
-            write_end()
+            _put_marker(store, store.end_key(chunk, attempt), end, secret)
         else:
-            deferred.append(write_end)
+            deferred.append(end)
 
 
 def run_job_here(args: Sequence[str], env: Any, working_dir: str | None = None) -> None:
@@ -780,13 +777,28 @@ _busy = threading.Lock()  # held while a pool worker runs a job, or writes its m
 #: End markers a pool worker has put off (``serve``): they tell people how a job went,
 #: the client reads the outcome, so they are written when no job waits, at most
 #: ``END_MARKER_DELAY`` seconds late, and before the worker exits. Under ``_busy``.
-_unwritten: list[Callable[[], None]] = []
+#: Each also went to the pool with its job's "done", and a "written" message tells the
+#: pool they are in the store: a worker killed before (a later call's segfault) leaves
+#: them to the pool (``write_end_markers``), so no ended job loses its times and usage.
+_unwritten: list[tuple[dict[str, str], EndMarker]] = []
 END_MARKER_DELAY = 1.0
 
 
 def _write_end_markers() -> None:
     while _unwritten:
-        _unwritten.pop(0)()
+        env, end = _unwritten.pop(0)
+        store, secret = _store_from_env(env)
+        _put_marker(store, store.end_key(end.chunk, end.attempt), end, secret)
+
+
+def write_end_markers(env: dict[str, str], ends: Sequence[dict[str, Any]]) -> None:
+    """Write the end markers a pool worker sent with its "done" messages but died before
+    writing (the local pool calls this from the client, which holds the run's secret).
+    Writing one the worker did write after all puts the same document again."""
+    store, secret = _store_from_env(env)
+    for fields in ends:
+        end = build(EndMarker, fields)
+        _put_marker(store, store.end_key(end.chunk, end.attempt), end, secret)
 
 
 class _JobLines:
@@ -854,6 +866,7 @@ def serve(job_fd: int, event_fd: int) -> None:
     def write_markers() -> None:
         with _busy:
             _write_end_markers()
+            send({"written": True})
 
     while (line := jobs.next(write_markers if _unwritten else None)) is not None:
         message = json.loads(line)
@@ -861,7 +874,7 @@ def serve(job_fd: int, event_fd: int) -> None:
             break
         os.environ.update(message["env"])
         error, fatal = "", False
-        deferred: list[Callable[[], None]] = []
+        deferred: list[EndMarker] = []
         with _busy:
             try:
                 run_job(message["args"], message["env"], capture, deferred)
@@ -878,13 +891,16 @@ def serve(job_fd: int, event_fd: int) -> None:
                     "fatal": fatal,
                     "retire": retire,
                     "printed": capture.printed,
+                    "ends": [to_builtins(end) for end in deferred],
                 }
             )
             if not _unwritten:
                 put_off_since = time.monotonic()
-            _unwritten.extend(deferred)  # the end marker, after the pool heard of the end
+            # The end marker, after the pool heard of the end.
+            _unwritten.extend((message["env"], end) for end in deferred)
             if time.monotonic() - put_off_since >= END_MARKER_DELAY:
                 _write_end_markers()
+                send({"written": True})
         if retire:  # max_tasks_per_child: the pool starts a fresh process in its place
             break
     write_markers()

@@ -251,6 +251,32 @@ def test_an_attempt_that_died_is_billed_and_shown_apart(tmp_path: Path) -> None:
     assert "core-hours billed for 3 attempts that died without a result" in html
 
 
+def quick_then_die(x: int) -> int:
+    if x == 3:
+        os._exit(1)  # kills the worker that ran the jobs before it a moment ago
+    return x
+
+
+def test_jobs_ended_just_before_their_worker_died_keep_their_end_markers(
+    tmp_path: Path,
+) -> None:
+    # A pool worker puts its end markers off while jobs wait (up to a second). One job
+    # kills it: the markers of those it ended just before are written by the pool, so
+    # storage bills what live usage bills.
+    with BatchPoolExecutor(
+        max_workers=1, storage=str(tmp_path), cleanup_bucket=False, max_attempts=1
+    ) as bpe:
+        futures = [bpe.submit(quick_then_die, x) for x in range(5)]
+        outcomes = [f.exception(timeout=60) or f.result() for f in futures]
+        usage = bpe.usage()
+        run_url = bpe.run_url
+    assert outcomes[:3] == [0, 1, 2] and isinstance(outcomes[3], WorkerLostError)
+    view = read_run(open_run(run_url))
+    for job in view.jobs:
+        assert set(job.ends) == set(job.starts), (job.chunk, job.starts, job.ends)
+    assert usage.core_hours == pytest.approx(billed_by_markers(view, 1.0), rel=1e-9)
+
+
 def test_a_dead_attempt_that_never_started_leaves_no_marker(tmp_path: Path) -> None:
     with BatchPoolExecutor(max_workers=1, storage=str(tmp_path), cleanup_bucket=False) as bpe:
         bpe.submit(snooze, 0).result(timeout=60)

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchpool.backends.base import Backend, JobEvent, JobSpec, JobState, Notify, signal_name
@@ -90,6 +90,10 @@ class _Worker:
     ready: bool = False
     gone: bool = False
     job: _Job | None = None
+    # The end markers of its ended jobs that it has not said it wrote ("written"): if
+    # it dies first, the pool writes them (worker.write_end_markers). Its jobs' env
+    # names the run's store and secret.
+    unwritten_ends: list[tuple[dict[str, str], list[dict[str, Any]]]] = field(default_factory=list)
 
 
 class WorkerProcess:
@@ -481,7 +485,12 @@ class LocalBackend(Backend):
                     worker.ready = True
                     self._start_failures.clear()
                     self._assign_locked()
+            elif "written" in message:
+                worker.unwritten_ends.clear()
             elif "done" in message:
+                job = worker.job
+                if message.get("ends") and job is not None:
+                    worker.unwritten_ends.append((job.spec.env, message["ends"]))
                 if message.get("retire"):  # it exits now (max_tasks_per_child): no new job
                     with self._lock:
                         _close_fd(worker.job_pipe)
@@ -531,6 +540,11 @@ class LocalBackend(Backend):
         except OSError:
             pass
         exit_code, signum, words = describe_exit(returncode)
+        if worker.unwritten_ends and not self._closing:
+            # Killed by a later job (a segfault, the OOM killer) before it wrote the end
+            # markers of jobs it had ended: written here, before that job is reported
+            # lost. Not once closing: the run's storage may be deleted by then.
+            _write_end_markers(worker.unwritten_ends)
         broken: list[_Job] = []
         with self._lock:
             _close_fd(worker.job_pipe)
@@ -592,6 +606,16 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         return f"LocalBackend(max_workers={self._max_workers})"
+
+
+def _write_end_markers(unwritten: list[tuple[dict[str, str], list[dict[str, Any]]]]) -> None:
+    from batchpool.worker import write_end_markers  # the worker's module: not at import
+
+    for env, ends in unwritten:
+        try:
+            write_end_markers(env, ends)
+        except Exception as exc:  # they tell people how jobs went: never fail the pool
+            log.warning("batchpool: could not write the end markers a worker left: %s", exc)
 
 
 def _pidfd(pid: int) -> int:
