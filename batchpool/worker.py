@@ -34,10 +34,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from batchpool import serialization
 from batchpool.backends.base import THREAD_ENV
 from batchpool.codeship import prepare_worker, share_globals
-from batchpool.documents import Document, EndMarker, StartMarker, build, to_builtins
+from batchpool.documents import Document, EndMarker, StartMarker, build
 from batchpool.errors import (
     FATAL_EXIT_CODE,
     BackendError,
@@ -784,21 +786,22 @@ _unwritten: list[tuple[dict[str, str], EndMarker]] = []
 END_MARKER_DELAY = 1.0
 
 
+def _put_end_marker(env: dict[str, str], end: EndMarker) -> None:
+    store, secret = _store_from_env(env)
+    _put_marker(store, store.end_key(end.chunk, end.attempt), end, secret)
+
+
 def _write_end_markers() -> None:
     while _unwritten:
-        env, end = _unwritten.pop(0)
-        store, secret = _store_from_env(env)
-        _put_marker(store, store.end_key(end.chunk, end.attempt), end, secret)
+        _put_end_marker(*_unwritten.pop(0))
 
 
 def write_end_markers(env: dict[str, str], ends: Sequence[dict[str, Any]]) -> None:
     """Write the end markers a pool worker sent with its "done" messages but died before
     writing (the local pool calls this from the client, which holds the run's secret).
     Writing one the worker did write after all puts the same document again."""
-    store, secret = _store_from_env(env)
     for fields in ends:
-        end = build(EndMarker, fields)
-        _put_marker(store, store.end_key(end.chunk, end.attempt), end, secret)
+        _put_end_marker(env, build(EndMarker, fields))
 
 
 class _JobLines:
@@ -863,10 +866,13 @@ def serve(job_fd: int, event_fd: int) -> None:
     send({"ready": os.getpid()})
     put_off_since = 0.0
 
+    def write_put_off_markers() -> None:  # under _busy
+        _write_end_markers()
+        send({"written": True})  # the pool need not write them if this worker dies
+
     def write_markers() -> None:
         with _busy:
-            _write_end_markers()
-            send({"written": True})
+            write_put_off_markers()
 
     while (line := jobs.next(write_markers if _unwritten else None)) is not None:
         message = json.loads(line)
@@ -891,7 +897,8 @@ def serve(job_fd: int, event_fd: int) -> None:
                     "fatal": fatal,
                     "retire": retire,
                     "printed": capture.printed,
-                    "ends": [to_builtins(end) for end in deferred],
+                    # Plain data (the message is JSON): the pool checks it with build().
+                    "ends": [msgspec.to_builtins(end) for end in deferred],
                 }
             )
             if not _unwritten:
@@ -899,8 +906,7 @@ def serve(job_fd: int, event_fd: int) -> None:
             # The end marker, after the pool heard of the end.
             _unwritten.extend((message["env"], end) for end in deferred)
             if time.monotonic() - put_off_since >= END_MARKER_DELAY:
-                _write_end_markers()
-                send({"written": True})
+                write_put_off_markers()
         if retire:  # max_tasks_per_child: the pool starts a fresh process in its place
             break
     write_markers()
